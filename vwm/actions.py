@@ -35,3 +35,30 @@ MODALITIES: dict[str, tuple[str, ...]] = {
     "goal": ("goal",),
 }
 """Action modalities as the reference shows them to the model one at a time (speed and angle together)."""
+
+# Command thresholds (metres) on the ego displacement over the clip, in the ego frame of the first frame
+# (x forward, y left). The reference's exact thresholds are unpublished; these follow the common
+# nuScenes planning convention (|lateral| >= 2 m is a turn) plus a stop rule. See docs/data.md.
+STOP_DISTANCE_M = 1.0
+"""Total displacement below which the command is `stop`."""
+TURN_LATERAL_M = 2.0
+"""Lateral offset of the final position beyond which the command is a turn."""
+
+
+def command_from_endpoint(x: float, y: float) -> int:
+    """High-level command from the final ego position (x forward, y left, metres, first-frame ego frame)."""
+    if (x * x + y * y) ** 0.5 < STOP_DISTANCE_M:
+        return COMMANDS["stop"]
+    if y >= TURN_LATERAL_M:
+        return COMMANDS["left"]
+    if y <= -TURN_LATERAL_M:
+        return COMMANDS["right"]
+    return COMMANDS["straight"]
+
+
+def key_frame_indices(num_frames: int, num_keys: int = 5) -> list[int]:
+    """Frames that carry action annotations: 5 evenly spaced key frames (0, 6, 12, 18, 24 for 25 frames,
+    nuScenes' 2 Hz key frames inside a 12 Hz clip)."""
+    if num_frames < num_keys:
+        raise ValueError(f"num_frames={num_frames} must be >= {num_keys} to place {num_keys} action key frames")
+    return [round(i * (num_frames - 1) / (num_keys - 1)) for i in range(num_keys)]
