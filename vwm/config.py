@@ -1,0 +1,357 @@
+"""Configs: load and merge YAML files plus `a.b=c` overrides, map the reference's class paths to ours, check
+every `{target, params}` node against its constructor before anything is built, and instantiate.
+
+A node is `{target: dotted.path, params: {...}}`; keys beside `target`/`params` (the conditioner's `input_key`,
+`ucg_rate`, `is_trainable`) are constructor arguments too, except the reserved `base_learning_rate`, which
+the trainer reads. Instantiation is depth-first: a parameter whose value is a node receives the built object.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+RESERVED_KEYS = frozenset({"target", "params", "base_learning_rate"})
+"""Node keys that are not constructor arguments."""
+
+ALLOWED_TARGET_PREFIXES = ("vwm.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.")
+"""Targets are resolved only inside these packages: a config cannot import arbitrary code."""
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Where a reference (Vista) class path lives in vwm, and which of its params vwm derives instead."""
+
+    target: str
+    derived: tuple[str, ...] = ()
+
+
+_R = "vwm.modules.diffusionmodules."
+ALIASES: dict[str, Alias] = {
+    "vwm.models.diffusion.DiffusionEngine": Alias("vwm.models.engine.DiffusionEngine"),
+    f"{_R}video_model.VideoUNet": Alias("vwm.models.video_unet.VideoUNet"),
+    f"{_R}wrappers.OpenAIWrapper": Alias("vwm.models.video_unet.UNetWrapper"),
+    f"{_R}denoiser.Denoiser": Alias("vwm.diffusion.denoiser.Denoiser", ("num_frames",)),
+    f"{_R}denoiser_scaling.VScalingWithEDMcNoise": Alias("vwm.diffusion.denoiser.VScalingWithEDMcNoise"),
+    f"{_R}denoiser_scaling.EDMScaling": Alias("vwm.diffusion.denoiser.EDMScaling"),
+    f"{_R}denoiser_scaling.VScaling": Alias("vwm.diffusion.denoiser.VScaling"),
+    f"{_R}denoiser_scaling.EpsScaling": Alias("vwm.diffusion.denoiser.EpsScaling"),
+    f"{_R}loss.StandardDiffusionLoss": Alias("vwm.diffusion.loss.StandardDiffusionLoss", ("num_frames",)),
+    f"{_R}loss_weighting.VWeighting": Alias("vwm.diffusion.loss.VWeighting"),
+    f"{_R}loss_weighting.EDMWeighting": Alias("vwm.diffusion.loss.EDMWeighting"),
+    f"{_R}loss_weighting.EpsWeighting": Alias("vwm.diffusion.loss.EpsWeighting"),
+    f"{_R}loss_weighting.UnitWeighting": Alias("vwm.diffusion.loss.UnitWeighting"),
+    f"{_R}sigma_sampling.EDMSampling": Alias("vwm.diffusion.noise.EDMSampling", ("num_frames",)),
+    f"{_R}discretizer.EDMDiscretization": Alias("vwm.diffusion.noise.EDMDiscretization"),
+    f"{_R}sampling.EulerEDMSampler": Alias("vwm.diffusion.sampler.EulerEDMSampler"),
+    f"{_R}guiders.VanillaCFG": Alias("vwm.diffusion.guidance.VanillaCFG"),
+    f"{_R}guiders.IdentityGuider": Alias("vwm.diffusion.guidance.IdentityGuider"),
+    f"{_R}guiders.LinearPredictionGuider": Alias("vwm.diffusion.guidance.LinearPredictionGuider", ("num_frames",)),
+    f"{_R}guiders.TrianglePredictionGuider": Alias(
+        "vwm.diffusion.guidance.TrianglePredictionGuider", ("num_frames",)
+    ),
+    f"{_R}model.Encoder": Alias("vwm.models.autoencoder.Encoder"),
+    f"{_R}model.Decoder": Alias("vwm.models.autoencoder.Decoder"),
+    "vwm.modules.autoencoding.temporal_ae.VideoDecoder": Alias("vwm.models.autoencoder.VideoDecoder"),
+    "vwm.modules.autoencoding.regularizers.DiagonalGaussianRegularizer": Alias(
+        "vwm.models.autoencoder.DiagonalGaussianRegularizer"
+    ),
+    "vwm.modules.GeneralConditioner": Alias("vwm.models.conditioner.GeneralConditioner"),
+    "vwm.modules.encoders.modules.GeneralConditioner": Alias("vwm.models.conditioner.GeneralConditioner"),
+    "vwm.modules.encoders.modules.FrozenOpenCLIPImagePredictionEmbedder": Alias(
+        "vwm.models.conditioner.FrozenOpenCLIPImagePredictionEmbedder"
+    ),
+    "vwm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder": Alias(
+        "vwm.models.conditioner.FrozenOpenCLIPImageEmbedder"
+    ),
+    "vwm.modules.encoders.modules.ConcatTimestepEmbedderND": Alias("vwm.models.conditioner.ConcatTimestepEmbedderND"),
+    "vwm.modules.encoders.modules.VideoPredictionEmbedderWithEncoder": Alias(
+        "vwm.models.conditioner.VideoPredictionEmbedderWithEncoder"
+    ),
+    "vwm.lr_scheduler.LambdaLinearScheduler": Alias("vwm.training.lr.LambdaLinearScheduler"),
+    "vwm.data.dataset.Sampler": Alias("vwm.data.datamodule.VideoDataModule"),
+    "train.ImageLogger": Alias("vwm.training.callbacks.VideoLogger", ("num_frames",)),
+}
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+BASE_KEY = "_base_"
+"""A YAML file may list files it extends (paths relative to itself); they are merged first, in order."""
+
+
+def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{BASE_KEY} cycle: {' -> '.join(str(p) for p in (*chain, path))}")
+    if not path.is_file():
+        where = f" (listed in {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist{where}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config must be a mapping at the top level")
+    bases = cfg.pop(BASE_KEY, None)
+    if bases is None:
+        return cfg
+    if isinstance(bases, str):
+        bases = [bases]
+    parents = [_load_yaml(path.parent / str(b), (*chain, path)) for b in bases]
+    return OmegaConf.merge(*parents, cfg)
+
+
+def load_config(paths: str | Path | Iterable[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge YAML files left to right (each after the files its `_base_` lists), then `a.b=c` overrides;
+    resolve reference class paths and validate every node."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    configs = [_load_yaml(Path(p)) for p in paths]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    cfg = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError("a config must be a mapping at the top level")
+    resolve_aliases(cfg)
+    validate(cfg)
+    return cfg
+
+
+def resolve_aliases(node: Any, path: str = "") -> None:
+    """Rewrite reference class paths to vwm's in place and drop the parameters vwm derives (logged)."""
+    if isinstance(node, DictConfig):
+        target = node.get("target") if "target" in node else None
+        if isinstance(target, str) and target in ALIASES:
+            alias = ALIASES[target]
+            node.target = alias.target
+            params = node.get("params")
+            for name in alias.derived:
+                if isinstance(params, DictConfig) and name in params:
+                    log.debug("%s.params.%s: derived by vwm, value from config ignored", path or "<root>", name)
+                    del params[name]
+        for key in list(node.keys()):
+            resolve_aliases(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            resolve_aliases(node._get_node(i), f"{path}[{i}]")
+
+
+def locate(target: str, path: str = "target") -> Any:
+    """Import the object named by a dotted path inside the allowed packages."""
+    if not target.startswith(ALLOWED_TARGET_PREFIXES):
+        raise ConfigError(
+            f"{path}={target!r}: targets must live in {', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)} "
+            f"(reference paths are mapped by vwm.config.ALIASES)"
+        )
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"{path}={target!r}: module {module_name!r} not found ({err})") from err
+    if not hasattr(module, attr):
+        raise ConfigError(f"{path}={target!r}: {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def is_node(value: Any) -> bool:
+    """True for a `{target: ...}` mapping."""
+    return isinstance(value, (Mapping, DictConfig)) and "target" in value
+
+
+def _signature_params(cls: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """Keyword parameters of a class constructor (following **kwargs into base classes) and their type hints."""
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    classes = cls.__mro__ if inspect.isclass(cls) else (cls,)
+    for klass in classes:
+        init = klass.__init__ if inspect.isclass(klass) else klass
+        if init is object.__init__:
+            break
+        try:
+            sig = inspect.signature(init)
+        except (TypeError, ValueError):
+            break
+        try:
+            hints_here = typing.get_type_hints(init)
+        except (NameError, TypeError) as err:
+            log.debug("type hints of %s unavailable: %s", klass, err)
+            hints_here = {}
+        has_var_kw = False
+        for name, p in sig.parameters.items():
+            if name == "self" or p.kind is inspect.Parameter.VAR_POSITIONAL:
+                continue
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                has_var_kw = True
+                continue
+            params.setdefault(name, p)
+            if name in hints_here:
+                hints.setdefault(name, hints_here[name])
+        if not has_var_kw:
+            break
+    return params, hints
+
+
+def node_arguments(node: Mapping | DictConfig) -> dict[str, Any]:
+    """The constructor arguments of a node: its params plus the non-reserved keys beside target/params."""
+    args = {k: v for k, v in node.items() if k not in RESERVED_KEYS}
+    params = node.get("params") or {}
+    if not isinstance(params, (Mapping, DictConfig)):
+        raise ConfigError(f"params must be a mapping, got {type(params).__name__}")
+    args.update(params)
+    return args
+
+
+def validate(node: Any, path: str = "") -> None:
+    """Check every node below `node`: the target exists and each argument is a known, well-typed parameter."""
+    if isinstance(node, (Mapping, DictConfig)):
+        if is_node(node):
+            _validate_node(node, path)
+            return
+        for key, value in node.items():
+            validate(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, (list, tuple, ListConfig)):
+        for i, value in enumerate(node):
+            validate(value, f"{path}[{i}]")
+
+
+def _validate_node(node: Mapping | DictConfig, path: str) -> None:
+    where = path or "<root>"
+    target = node["target"]
+    if not isinstance(target, str):
+        raise ConfigError(f"{where}.target must be a dotted class path, got {target!r}")
+    cls = locate(target, f"{where}.target")
+    params, hints = _signature_params(cls)
+    args = node_arguments(node)
+    for name, value in args.items():
+        key = f"{where}.params.{name}" if name in (node.get("params") or {}) else f"{where}.{name}"
+        if name not in params:
+            allowed = ", ".join(sorted(params)) or "(none)"
+            raise ConfigError(f"{key}: unknown parameter of {target}; allowed: {allowed}")
+        _check_type(value, hints.get(name, Any), key)
+        validate(value, key)
+    opaque = set(getattr(cls, "config_injected", ()))
+    missing = [
+        n for n, p in params.items()
+        if p.default is inspect.Parameter.empty and n not in args and n not in opaque
+        and p.kind is not inspect.Parameter.POSITIONAL_ONLY
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required parameter(s) {', '.join(missing)} of {target}")
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> None:
+    """Raise ConfigError if a config value cannot be an instance of the annotated parameter type."""
+    if not _matches(value, tp):
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(value: Any, tp: Any) -> bool:  # noqa: C901 - one branch per typing construct
+    if tp is Any or tp is inspect.Parameter.empty or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if value is None:
+        return False
+    if origin is Literal:
+        return value in args
+    if is_node(value):
+        cls = tp if inspect.isclass(tp) else origin
+        return cls is None or not inspect.isclass(cls) or cls in (dict, Mapping) or not issubclass(
+            cls, (int, float, str, bool, list, tuple, Sequence, Mapping)
+        )
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is Path:
+        return isinstance(value, (str, Path))
+    seq_origins = (list, tuple, Sequence, typing.Sequence, Iterable)
+    if tp in seq_origins or origin in seq_origins or origin in (set, frozenset):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if tp in (dict, Mapping) or origin in (dict, Mapping):
+        if not isinstance(value, (Mapping, DictConfig)):
+            return False
+        return len(args) != 2 or all(_matches(v, args[1]) for v in value.values())
+    if origin is Callable or tp is Callable:
+        return is_node(value)
+    if inspect.isclass(tp) and issubclass(tp, torch.nn.Module):
+        return False  # a module parameter needs a {target, params} node
+    return True
+
+
+# --------------------------------------------------------------------------------------------- instantiation
+
+
+def to_container(value: Any) -> Any:
+    """OmegaConf containers to plain Python (resolving interpolations); other values unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def instantiate(node: Any, **extra: Any) -> Any:
+    """Build the object a node describes, building nested nodes first; `extra` adds keyword arguments."""
+    node = to_container(node)
+    if not is_node(node):
+        raise ConfigError(f"cannot instantiate {node!r}: not a {{target, params}} node")
+    cls = locate(node["target"])
+    skip = set(getattr(cls, "config_unbuilt", ()))
+    kwargs = {k: (v if k in skip else _build(v)) for k, v in node_arguments(node).items()}
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+def _build(value: Any) -> Any:
+    if is_node(value):
+        return instantiate(value)
+    if isinstance(value, list):
+        return [_build(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _build(v) for k, v in value.items()}
+    return value
+
+
+def build_model(cfg: DictConfig | Mapping, device: str | torch.device | None = None) -> Any:
+    """Instantiate `cfg.model` (or `cfg` if it is the model node); `device="meta"` builds without allocating."""
+    node = cfg["model"] if "model" in cfg else cfg
+    if not is_node(node):
+        raise ConfigError("the config has no model node (model.target)")
+    if device is None:
+        return instantiate(node)
+    with torch.device(device):
+        return instantiate(node)

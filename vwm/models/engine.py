@@ -1,0 +1,289 @@
+"""DiffusionEngine: the latent video diffusion world model as a LightningModule.
+
+It owns the network (`model.diffusion_model`), the preconditioning (`denoiser`), the conditioner, the frozen
+first stage (`first_stage_model`), the training loss, an optional sampler for logging and an EMA (`model_ema`).
+Attribute names reproduce the reference so checkpoints load without key surgery. Randomness on the training
+path comes from a generator seeded by (seed, rank, global step, batch index), so a resumed run draws exactly
+the numbers the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from vwm.config import instantiate
+from vwm.models.ema import LitEma
+from vwm.models.video_unet import UNetWrapper
+
+log = logging.getLogger(__name__)
+
+ADAPTER_TAG = "adapter"
+"""Parameters whose name contains this are the phase-2 adapters (LoRA and action control)."""
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed mixing the run seed with integer keys (rank, step, ...) through numpy's SeedSequence."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, *[k & 0xFFFFFFFF for k in keys]]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+class DiffusionEngine(pl.LightningModule):
+    """Latent video diffusion model (SVD-XT / Vista) with its training step, sampling and EMA."""
+
+    config_unbuilt = ("optimizer_config",)
+
+    def __init__(
+        self,
+        network_config: nn.Module,
+        denoiser_config: nn.Module,
+        first_stage_config: nn.Module,
+        conditioner_config: nn.Module,
+        sampler_config: Any = None,
+        optimizer_config: dict | None = None,
+        scheduler_config: Any = None,
+        loss_fn_config: Any = None,
+        use_ema: bool = False,
+        ema_decay_rate: float = 0.9999,
+        scale_factor: float = 1.0,
+        disable_first_stage_autocast: bool = False,
+        input_key: str = "img_seq",
+        compile_model: bool = False,
+        en_and_decode_n_samples_a_time: int | None = 14,
+        num_frames: int = 25,
+        slow_spatial_layers: bool = False,
+        train_peft_adapters: bool = False,
+        replace_cond_frames: bool = False,
+        fixed_cond_frames: list[list[int]] | None = None,
+        slow_spatial_lr_scale: float = 0.1,
+    ):
+        super().__init__()
+        if slow_spatial_layers and train_peft_adapters:
+            raise ValueError("slow_spatial_layers and train_peft_adapters are exclusive optimizer modes; set one")
+        if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
+            raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
+        self.model = UNetWrapper(network_config, compile_model=compile_model)
+        self.denoiser = denoiser_config
+        self.conditioner = conditioner_config
+        self.first_stage_model = first_stage_config
+        self.sampler = sampler_config
+        self.loss_fn = loss_fn_config
+        self.optimizer_config = optimizer_config or {"target": "torch.optim.AdamW"}
+        self.scheduler_config = scheduler_config
+        self.scale_factor = scale_factor
+        self.disable_first_stage_autocast = disable_first_stage_autocast
+        self.input_key = input_key
+        self.en_and_decode_n_samples_a_time = en_and_decode_n_samples_a_time
+        self.num_frames = num_frames
+        self.slow_spatial_layers = slow_spatial_layers
+        self.slow_spatial_lr_scale = slow_spatial_lr_scale
+        self.train_peft_adapters = train_peft_adapters
+        self.replace_cond_frames = replace_cond_frames
+        self.fixed_cond_frames = fixed_cond_frames
+        self.learning_rate = 1e-4
+        self.seed = 0
+        self._ema_step = -1
+
+        self.first_stage_model.eval().requires_grad_(False)
+        self.freeze_untrained()
+        self.use_ema = use_ema
+        self.ema_decay_rate = ema_decay_rate
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay_rate)
+
+    # ----------------------------------------------------------------------------------------- parameters
+
+    @property
+    def unet(self) -> nn.Module:
+        """The bare VideoUNet."""
+        return self.model.diffusion_model
+
+    def inert_parameter_names(self) -> list[str]:
+        """UNet parameters that cannot influence the output: the query/key paths of cross-attention layers whose
+        context is a single token (softmax over one key is 1). They stay in the state dict, frozen."""
+        if self.crossattn_tokens() != 1:
+            return []
+        names = []
+        for name, _ in self.model.named_parameters():
+            if ".attn2." in name and any(f".attn2.{p}" in name for p in (
+                "to_q.", "to_k.", "q_adapter_", "k_adapter_"
+            )):
+                names.append(name)
+        return names
+
+    def crossattn_tokens(self) -> int:
+        """Number of context tokens the conditioner produces for cross-attention."""
+        tokens = 1
+        for embedder in getattr(self.conditioner, "embedders", []):
+            if hasattr(embedder, "open_clip"):
+                tokens = max(tokens, int(getattr(embedder, "n_cond_frames", 1)))
+        return tokens
+
+    def freeze_untrained(self) -> None:
+        """requires_grad only for what the configured mode trains: all UNet weights, or only its adapters
+        (`train_peft_adapters`); never the inert cross-attention query/key paths; embedders per `is_trainable`."""
+        inert = set(self.inert_parameter_names())
+        for name, p in self.model.named_parameters():
+            trainable = name not in inert and (not self.train_peft_adapters or ADAPTER_TAG in name)
+            p.requires_grad_(trainable)
+
+    def trainable_parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (reference modes: plain, slow spatial layers at 0.1x lr, adapters only)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.slow_spatial_layers:
+            groups = [
+                {"params": [p for n, p in named if "time_stack" in n], "lr": self.learning_rate},
+                {"params": [p for n, p in named if "time_stack" not in n],
+                 "lr": self.learning_rate * self.slow_spatial_lr_scale},
+            ]
+        else:
+            groups = [{"params": [p for _, p in named], "lr": self.learning_rate}]
+        for embedder in getattr(self.conditioner, "embedders", []):
+            params = [p for p in embedder.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": self.learning_rate})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        groups = self.trainable_parameter_groups()
+        if not groups:
+            raise ValueError("no trainable parameters: check train_peft_adapters / add_lora / action_control")
+        node = dict(self.optimizer_config)
+        node["params"] = dict(node.get("params") or {})
+        opt = instantiate(node, params=groups, lr=self.learning_rate)
+        if self.scheduler_config is None:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.scheduler_config)
+        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+
+    # -------------------------------------------------------------------------------------------- latents
+
+    def _first_stage_chunk(self, frames: int) -> int:
+        return self.en_and_decode_n_samples_a_time or frames
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames)."""
+        x = x.to(next(self.first_stage_model.parameters()).dtype)
+        z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, overlap: int = 3) -> torch.Tensor:
+        """Scaled latents (B,T,C,h,w) -> pixels (B,T,3,H,W), chunked with `overlap` frames averaged."""
+        z = (z / self.scale_factor).to(next(self.first_stage_model.parameters()).dtype)
+        return self.first_stage_model.decode_video(z, self._first_stage_chunk(z.shape[1]), overlap=overlap)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def make_generator(self, *keys: int) -> torch.Generator:
+        """Generator on this module's device seeded from (seed, rank, *keys)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(step_seed(self.seed, self.global_rank, *keys))
+        return gen
+
+    def latents_of(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Training latents: the precomputed `latents` of a cached batch, else the VAE encoding of `input_key`."""
+        if "latents" in batch:
+            return batch["latents"]
+        x = batch[self.input_key]
+        if x.ndim != 5:
+            raise ValueError(f"batch[{self.input_key!r}] must be (B,T,3,H,W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_frames:
+            raise ValueError(
+                f"batch[{self.input_key!r}] has {x.shape[1]} frames but the model is configured for "
+                f"num_frames={self.num_frames}"
+            )
+        return self.encode_first_stage(x, generator=generator)
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator):
+        """Diffusion loss terms for one batch (conditioning dropout, sigma, noise drawn from `generator`)."""
+        if self.loss_fn is None:
+            raise ValueError("the model config has no loss_fn_config: it cannot be trained")
+        z = self.latents_of(batch, generator)
+        cond = self.conditioner(batch, generator=generator)
+        return self.loss_fn(self.model, self.denoiser, cond, z, generator=generator)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch, self.make_generator(self.global_step, batch_idx))
+        bsz = batch[self.input_key].shape[0] if self.input_key in batch else batch["latents"].shape[0]
+        self.log("loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bsz)
+        if out.hf is not None:
+            self.log("loss_hf", out.hf.mean(), on_step=True, on_epoch=False, batch_size=bsz)
+        if "n_skipped" in batch:
+            self.log("data/skipped", batch["n_skipped"].sum().float(), on_step=True, on_epoch=False,
+                     reduce_fx="sum", batch_size=bsz)
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimizer step (Lightning advances global_step when the optimizer steps).
+        if self.use_ema and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.model_ema(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._ema_step = int(checkpoint.get("global_step", -1))
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def get_conditioning(
+        self, batch: Mapping[str, torch.Tensor], uc_keys: Sequence[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Conditioning without dropout and its unconditional counterpart (listed input keys zeroed; default: every
+        embedder trained with classifier-free dropout, as the reference's logger does)."""
+        if uc_keys is None:
+            uc_keys = [e.input_key for e in self.conditioner.embedders if e.ucg_rate > 0.0]
+        return self.conditioner.get_unconditional_conditioning(batch, force_uc_zero_embeddings=list(uc_keys))
+
+    def cond_mask_for(self, batch_size: int, frames: int, indices: Sequence[int]) -> torch.Tensor:
+        """(B,T) mask with ones at the given condition-frame indices."""
+        mask = torch.zeros(batch_size, frames, device=self.device)
+        if indices:
+            mask[:, list(indices)] = 1.0
+        return mask
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: dict[str, torch.Tensor],
+        uc: dict[str, torch.Tensor] | None,
+        shape: Sequence[int],
+        cond_frame: torch.Tensor | None = None,
+        cond_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sampler: Any = None,
+        **sampler_kwargs: Any,
+    ) -> torch.Tensor:
+        """Draw latents of `shape` (B,T,C,h,w) with the configured (or given) sampler; masked frames are `cond_frame`."""
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError("no sampler: pass one or set sampler_config in the model config")
+        noise = torch.randn(*shape, device=self.device, generator=generator)
+        return sampler(self.denoiser, self.model, noise, cond, uc, cond_frame=cond_frame, cond_mask=cond_mask,
+                       generator=generator, **sampler_kwargs)
+
+    @torch.no_grad()
+    def log_videos(self, batch: Mapping[str, torch.Tensor], n: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Samples (EMA weights when kept), inputs and VAE reconstructions of the first n clips, in [-1, 1]."""
+        batch = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in batch.items()}
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        x = batch[self.input_key]
+        z = batch["latents"] if "latents" in batch else self.encode_first_stage(x, generator=gen)
+        c, uc = self.get_conditioning(batch)
+        indices = (self.fixed_cond_frames or [[0]])[0] if self.replace_cond_frames else []
+        mask = self.cond_mask_for(z.shape[0], z.shape[1], indices)
+        scope = self.model_ema.scope(self.model) if self.use_ema else contextlib.nullcontext()
+        with scope:
+            samples = self.sample(c, uc, z.shape, cond_frame=z, cond_mask=mask, generator=gen)
+        out = {"samples": self.decode_first_stage(samples), "reconstructions": self.decode_first_stage(z)}
+        if self.input_key in batch:
+            out["inputs"] = x
+        return out
