@@ -274,18 +274,24 @@ def load_weights(
             raise CheckpointError(f"{name}: tensor {key} contains NaN or Inf")
 
     fill = dict(sd)
-    if "cond_time_stack_embed" in by_family:
-        for key in by_family["cond_time_stack_embed"]:
-            src = key.replace("cond_time_stack_embed", "time_embed")
-            if src not in sd:
-                raise CheckpointError(f"{name}: cannot initialise {key}: {src} is missing too")
-            fill[key] = sd[src].clone()
-    # action-control projections and LoRA keep their constructor init (zeros / N(0,1/r) + zeros); EMA is rebuilt.
+    for key in by_family.get("cond_time_stack_embed", []):
+        src = key.replace("cond_time_stack_embed", "time_embed")
+        if src not in sd:
+            raise CheckpointError(f"{name}: cannot initialise {key}: {src} is missing too")
+        fill[key] = sd[src].clone()
+    for key in by_family.get("action_control", []):
+        fill[key] = torch.zeros_like(expected[key], device="cpu")  # zero-initialised: starts as a no-op
+    for key in by_family.get("lora", []):
+        shape = expected[key].shape
+        if "_adapter_up." in key:
+            fill[key] = torch.zeros(shape, dtype=expected[key].dtype)
+        else:  # down projection ~ N(0, 1/rank), as the reference initialises it
+            fill[key] = (torch.randn(shape) / shape[0]).to(expected[key].dtype)
     incompatible = model.load_state_dict(fill, strict=False)
-    leftover = set(incompatible.missing_keys) - {k for f in ("action_control", "lora", "ema") for k in by_family.get(f, [])}
+    leftover = set(incompatible.missing_keys) - set(by_family.get("ema", []))
     assert not leftover and not incompatible.unexpected_keys, (leftover, incompatible.unexpected_keys)
     if "ema" in by_family and getattr(model, "model_ema", None) is not None:
-        model.model_ema.reset(model.model)
+        model.model_ema.reset(model.model)  # a fresh EMA of the loaded weights
     report.initialised = {f: sorted(k) for f, k in by_family.items()}
     log.info(report.summary())
     return report

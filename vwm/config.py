@@ -220,20 +220,24 @@ def node_arguments(node: Mapping | DictConfig) -> dict[str, Any]:
     return args
 
 
-def validate(node: Any, path: str = "") -> None:
-    """Check every node below `node`: the target exists and each argument is a known, well-typed parameter."""
+def validate(node: Any, path: str = "", injected: bool = False) -> None:
+    """Check every node below `node`: the target exists and each argument is a known, well-typed parameter.
+
+    `injected`: the nodes are built later by their owner, which supplies some arguments itself (a class's
+    `config_unbuilt` parameters), so missing required arguments are not an error there.
+    """
     if isinstance(node, (Mapping, DictConfig)):
         if is_node(node):
-            _validate_node(node, path)
+            _validate_node(node, path, injected)
             return
         for key, value in node.items():
-            validate(value, f"{path}.{key}" if path else str(key))
+            validate(value, f"{path}.{key}" if path else str(key), injected)
     elif isinstance(node, (list, tuple, ListConfig)):
         for i, value in enumerate(node):
-            validate(value, f"{path}[{i}]")
+            validate(value, f"{path}[{i}]", injected)
 
 
-def _validate_node(node: Mapping | DictConfig, path: str) -> None:
+def _validate_node(node: Mapping | DictConfig, path: str, injected: bool = False) -> None:
     where = path or "<root>"
     target = node["target"]
     if not isinstance(target, str):
@@ -241,20 +245,20 @@ def _validate_node(node: Mapping | DictConfig, path: str) -> None:
     cls = locate(target, f"{where}.target")
     params, hints = _signature_params(cls)
     args = node_arguments(node)
+    unbuilt = set(getattr(cls, "config_unbuilt", ()))
     for name, value in args.items():
         key = f"{where}.params.{name}" if name in (node.get("params") or {}) else f"{where}.{name}"
         if name not in params:
             allowed = ", ".join(sorted(params)) or "(none)"
             raise ConfigError(f"{key}: unknown parameter of {target}; allowed: {allowed}")
-        _check_type(value, hints.get(name, Any), key)
-        validate(value, key)
-    opaque = set(getattr(cls, "config_injected", ()))
+        if name not in unbuilt:
+            _check_type(value, hints.get(name, Any), key)
+        validate(value, key, injected=name in unbuilt)
     missing = [
         n for n, p in params.items()
-        if p.default is inspect.Parameter.empty and n not in args and n not in opaque
-        and p.kind is not inspect.Parameter.POSITIONAL_ONLY
+        if p.default is inspect.Parameter.empty and n not in args and p.kind is not inspect.Parameter.POSITIONAL_ONLY
     ]
-    if missing:
+    if missing and not injected:
         raise ConfigError(f"{where}: missing required parameter(s) {', '.join(missing)} of {target}")
 
 

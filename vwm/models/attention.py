@@ -113,14 +113,17 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[1](self._output(rearrange(o, "n h l d -> n l (h d)")))
 
-    def cross_attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Cross-attention where `context` (B, M, D) is shared by groups of rows of x (B·R, L, C), b-major."""
+    def cross_attend(self, x: torch.Tensor, context: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """Cross-attention of norm(x) over a context (B, M, D) shared by groups of rows of x (B·R, L, C), b-major.
+
+        With one context token the queries cannot matter, so norm(x) and Q are never computed.
+        """
         batch, rows = context.shape[0], x.shape[0] // context.shape[0]
         if batch * rows != x.shape[0]:
             raise ValueError(f"{x.shape[0]} query rows cannot be grouped over a context batch of {batch}")
         if context.shape[1] != 1:
-            return self.forward(x, context.repeat_interleave(rows, dim=0))
-        # One key: softmax weights are exactly 1, so every query receives V (and q/k cannot matter).
+            return self.forward(norm(x), context.repeat_interleave(rows, dim=0))
+        # One key: softmax weights are exactly 1, so every query receives V.
         _, v = self._keys_values(context, need_k=False)
         out = self._output(v).to(x.dtype)  # (B, 1, C)
         out = out.unsqueeze(1).expand(batch, rows, *x.shape[1:]).reshape(x.shape)
@@ -154,7 +157,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: ((b t), s, c) tokens of each frame; context: (b, m, d) per clip."""
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2.cross_attend(self.norm2(x), context) + x
+        x = self.attn2.cross_attend(x, context, self.norm2) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -193,5 +196,5 @@ class VideoTransformerBlock(nn.Module):
         if self.has_ff_in:
             x = self.ff_in(self.norm_in(x)) + x
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2.cross_attend(self.norm2(x), context) + x
+        x = self.attn2.cross_attend(x, context, self.norm2) + x
         return self.ff(self.norm3(x)) + x

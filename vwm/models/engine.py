@@ -90,6 +90,7 @@ class DiffusionEngine(pl.LightningModule):
         self.learning_rate = 1e-4
         self.seed = 0
         self._ema_step = -1
+        self._nonfinite: torch.Tensor | None = None
 
         self.first_stage_model.eval().requires_grad_(False)
         self.freeze_untrained()
@@ -106,15 +107,15 @@ class DiffusionEngine(pl.LightningModule):
         return self.model.diffusion_model
 
     def inert_parameter_names(self) -> list[str]:
-        """UNet parameters that cannot influence the output: the query/key paths of cross-attention layers whose
-        context is a single token (softmax over one key is 1). They stay in the state dict, frozen."""
+        """UNet parameters that cannot influence the output: the query/key paths (and the query LayerNorm `norm2`)
+        of cross-attention layers whose context is a single token (softmax over one key is 1). They stay in the
+        state dict, frozen."""
         if self.crossattn_tokens() != 1:
             return []
         names = []
+        inert = (".attn2.to_q.", ".attn2.to_k.", ".attn2.q_adapter_", ".attn2.k_adapter_", ".norm2.")
         for name, _ in self.model.named_parameters():
-            if ".attn2." in name and any(f".attn2.{p}" in name for p in (
-                "to_q.", "to_k.", "q_adapter_", "k_adapter_"
-            )):
+            if any(part in name for part in inert):
                 names.append(name)
         return names
 
@@ -213,6 +214,8 @@ class DiffusionEngine(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch, self.make_generator(self.global_step, batch_idx))
+        bad = ~torch.isfinite(out.loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         bsz = batch[self.input_key].shape[0] if self.input_key in batch else batch["latents"].shape[0]
         self.log("loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bsz)
         if out.hf is not None:
@@ -220,6 +223,25 @@ class DiffusionEngine(pl.LightningModule):
         if "n_skipped" in batch:
             self.log("data/skipped", batch["n_skipped"].sum().float(), on_step=True, on_epoch=False,
                      reduce_fx="sum", batch_size=bsz)
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # All ranks agree before any update is applied: a non-finite loss anywhere stops every rank at this step.
+        if self._nonfinite is None:
+            return
+        flags = self.all_gather(self._nonfinite.float()).reshape(-1)
+        self._nonfinite = None
+        if flags.any():
+            ranks = [i for i, f in enumerate(flags.tolist()) if f]
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step} on rank(s) {ranks}; no update was applied. Resume "
+                f"from the last checkpoint with a lower learning rate or check the data of this step."
+            )
+
+    @torch.no_grad()
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch, self.make_generator(self.global_step, batch_idx, 1))
+        self.log("test/loss", out.loss, on_step=True, batch_size=next(iter(batch.values())).shape[0])
         return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -370,7 +370,8 @@ class UNetWrapper(nn.Module):
     def __init__(self, diffusion_model: VideoUNet, compile_model: bool = False):
         super().__init__()
         self.diffusion_model = diffusion_model
-        self._forward_unet = torch.compile(diffusion_model) if compile_model else diffusion_model
+        # Kept out of the module registry so the compiled wrapper adds no state-dict keys.
+        self.__dict__["_compiled_unet"] = torch.compile(diffusion_model) if compile_model else None
 
     def forward(
         self, x: torch.Tensor, c_noise: torch.Tensor, cond: dict[str, torch.Tensor], cond_mask: torch.Tensor | None = None
@@ -379,4 +380,5 @@ class UNetWrapper(nn.Module):
         if "concat" in cond:
             concat = cond["concat"].to(x.dtype)
             x = torch.cat([x, concat[:, None].expand(-1, x.shape[1], -1, -1, -1)], dim=2)
-        return self._forward_unet(x, c_noise, cond["crossattn"], cond.get("vector"), cond_mask)
+        unet = self._compiled_unet or self.diffusion_model
+        return unet(x, c_noise, cond["crossattn"], cond.get("vector"), cond_mask)

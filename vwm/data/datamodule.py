@@ -1,0 +1,508 @@
+"""VideoDataModule: weighted multi-source clip sampling that is deterministic in (seed, epoch, rank, position)
+and resumable, the action-visibility policy, broken-sample skipping under a failure budget, and collation into
+the batch contract of docs/architecture.md. `Sampler` is the reference's name for the same class."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from vwm.actions import ACTION_FEATURES, ACTION_KEYS, MODALITIES
+from vwm.config import locate
+from vwm.data.base import BrokenSampleError, Clip
+from vwm.data.video import check_target_size, to_unit_range
+
+log = logging.getLogger(__name__)
+
+Visibility = Literal["rotate", "all"]
+REFERENCE_SUBSETS: dict[str, tuple[str, dict[str, str]]] = {
+    "YouTube": ("vwm.data.opendv.OpenDVSubset",
+                {"data_root": "data/YouTube", "anno_file": "annos/YouTube.json"}),
+    "NuScenes": ("vwm.data.nuscenes.NuScenesSubset",
+                 {"data_root": "data/nuscenes", "anno_file": "annos/nuScenes.json"}),
+}
+"""The reference's subset names and the data roots / annotation files it hard-codes for them."""
+DERIVED_PARAMS = ("num_frames", "target_height", "target_width")
+"""Subset constructor arguments the DataModule supplies itself."""
+STATE_VERSION = 1
+FRACTION_WARMUP = 100
+"""Draws a worker makes before `max_failure_fraction` is enforced."""
+
+
+class DataBudgetError(RuntimeError):
+    """Too many broken samples: the data (root, annotations, files) needs fixing before training goes on."""
+
+
+class ClipSource(Protocol):
+    """What the DataModule needs from a subset (docs/architecture.md, "Data subsets")."""
+
+    def __len__(self) -> int: ...
+
+    def load_clip(self, index: int) -> Clip:
+        """Decode clip `index`; raise BrokenSampleError for unreadable media."""
+        ...
+
+
+def _plain(value: Any) -> Any:
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def build_subset(spec: str | Mapping[str, Any] | ClipSource, *, num_frames: int, target_height: int,
+                 target_width: int) -> ClipSource:
+    """Construct one subset from a reference name, a `{target, params}` mapping or an already built object."""
+    derived = {"num_frames": num_frames, "target_height": target_height, "target_width": target_width}
+    spec = _plain(spec)
+    if isinstance(spec, str):
+        if spec not in REFERENCE_SUBSETS:
+            raise ValueError(f"subsets item {spec!r} is not one of {sorted(REFERENCE_SUBSETS)}; "
+                             "give a {target, params} mapping for any other data")
+        target, params = REFERENCE_SUBSETS[spec][0], dict(REFERENCE_SUBSETS[spec][1])
+    elif isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"target", "params"})
+        if unknown or not isinstance(spec.get("target"), str):
+            raise ValueError(f"subsets item {spec!r} must be {{target: <dotted class>, params: {{...}}}}; "
+                             f"unexpected keys {unknown}")
+        target, params = spec["target"], dict(spec.get("params") or {})
+    elif callable(getattr(spec, "load_clip", None)) and hasattr(spec, "__len__"):
+        for name, value in derived.items():
+            if getattr(spec, name, value) != value:
+                raise ValueError(f"prebuilt subset {type(spec).__name__} has {name}={getattr(spec, name)!r}, "
+                                 f"the DataModule has {name}={value!r}")
+        return spec
+    else:
+        raise ValueError(f"subsets item {spec!r} must be a name in {sorted(REFERENCE_SUBSETS)}, a "
+                         "{target, params} mapping or an object with load_clip()")
+    cls = locate(target, "subsets target")
+    clashing = sorted(set(params) & set(derived))
+    if clashing:
+        raise ValueError(f"subsets params {clashing} of {target} are derived by the DataModule; set them on "
+                         "the DataModule (num_frames, target_height, target_width)")
+    allowed = [n for n in inspect.signature(cls).parameters if n not in derived]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"subsets params {unknown} are not accepted by {target}; allowed: {allowed}")
+    return cls(**params, **derived)
+
+
+class MultiSourceClips(Dataset):
+    """Map-style dataset over (epoch, stream position) keys: each key draws a subset and a clip from a
+    counter-seeded generator, skips broken clips with deterministic replacements and applies the action
+    visibility policy. Returns uint8 frames; `ClipCollator` builds the batch."""
+
+    def __init__(self, subsets: Sequence[ClipSource], probs: Sequence[float], samples_per_epoch: int, *,
+                 seed: int, shuffle: bool, visibility: Visibility, max_consecutive_failures: int,
+                 max_failure_fraction: float, names: Sequence[str], frame_shape: tuple[int, int, int, int]):
+        self.subsets = list(subsets)
+        self.frame_shape = tuple(frame_shape)
+        self.names = list(names)
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.visibility = visibility
+        self.max_consecutive_failures = max_consecutive_failures
+        self.max_failure_fraction = max_failure_fraction
+        self._cum = np.cumsum(np.asarray(probs, dtype=np.float64))
+        self._cum[-1] = 1.0
+        self._offsets = np.cumsum([0] + [len(s) for s in self.subsets])
+        self.attempts = 0
+        self.failures = 0
+        self._logged: set[str] = set()
+        self._examples: list[str] = []
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def draw(self, epoch: int, position: int, attempt: int) -> tuple[int, int, float]:
+        """(subset, index in subset, visibility variate) of a stream position; attempts > 0 replace it."""
+        rng = np.random.default_rng([self.seed, epoch, position, attempt])
+        u_subset, u_visibility = rng.random(2)
+        if attempt == 0 and not self.shuffle:
+            flat = position % int(self._offsets[-1])
+            subset = int(np.searchsorted(self._offsets, flat, side="right")) - 1
+            return subset, flat - int(self._offsets[subset]), float(u_visibility)
+        subset = min(int(np.searchsorted(self._cum, u_subset, side="right")), len(self.subsets) - 1)
+        return subset, int(rng.integers(len(self.subsets[subset]))), float(u_visibility)
+
+    def visible_actions(self, available: Sequence[str], u: float) -> list[str]:
+        """Actions shown to the model: all available ones, or one available modality chosen by `u`."""
+        if self.visibility == "all":
+            return [k for k in ACTION_KEYS if k in available]
+        modalities = [m for m, keys in MODALITIES.items() if any(k in available for k in keys)]
+        if not modalities:
+            return []
+        chosen = MODALITIES[modalities[min(int(u * len(modalities)), len(modalities) - 1)]]
+        return [k for k in chosen if k in available]
+
+    def _record_failure(self, exc: BrokenSampleError, subset: int, index: int) -> None:
+        self.failures += 1
+        if exc.path not in self._logged:
+            self._logged.add(exc.path)
+            log.warning("skipping broken sample %s (subset %s, index %d): %s", exc.path, self.names[subset],
+                        index, exc.reason)
+            if len(self._examples) < 5:
+                self._examples.append(f"{exc.path} ({exc.reason})")
+        if self.attempts >= FRACTION_WARMUP and self.failures > self.max_failure_fraction * self.attempts:
+            raise DataBudgetError(
+                f"{self._rate()} exceeds max_failure_fraction={self.max_failure_fraction}; examples: "
+                f"{'; '.join(self._examples)}")
+
+    def _rate(self) -> str:
+        return (f"broken-sample rate {self.failures}/{self.attempts} = "
+                f"{100.0 * self.failures / max(self.attempts, 1):.1f}% in this worker")
+
+    def _check_clip(self, clip: Clip, subset: int, index: int) -> None:
+        if tuple(clip.frames.shape) != self.frame_shape or clip.frames.dtype != torch.uint8:
+            raise ValueError(f"subset {self.names[subset]} returned frames {tuple(clip.frames.shape)} "
+                             f"{clip.frames.dtype} for index {index}; expected uint8 {self.frame_shape}")
+        for key, value in clip.actions.items():
+            if key not in ACTION_FEATURES or tuple(value.shape) != (ACTION_FEATURES[key],):
+                raise ValueError(f"subset {self.names[subset]} returned action {key!r} of shape "
+                                 f"{tuple(value.shape)} for index {index}; expected one of {ACTION_FEATURES}")
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, position = (0, key) if isinstance(key, int) else key
+        for attempt in range(self.max_consecutive_failures):
+            subset, index, u = self.draw(epoch, position, attempt)
+            self.attempts += 1
+            try:
+                clip = self.subsets[subset].load_clip(index)
+            except BrokenSampleError as exc:
+                self._record_failure(exc, subset, index)
+                continue
+            self._check_clip(clip, subset, index)
+            visible = self.visible_actions(list(clip.actions), u)
+            return {"frames": clip.frames, "actions": {k: clip.actions[k] for k in visible},
+                    "n_skipped": attempt, "sample_id": (epoch, position, subset, index)}
+        raise DataBudgetError(
+            f"{self.max_consecutive_failures} consecutive broken samples while drawing epoch {epoch} "
+            f"position {position} (max_consecutive_failures); {self._rate()}; examples: "
+            f"{'; '.join(self._examples)}. Check data_root / anno_file of the subsets")
+
+
+class ClipCollator:
+    """Stack dataset items into the batch contract (frames left uint8 unless `convert`)."""
+
+    def __init__(self, *, convert: bool, cond_aug: float, fps_id: int, motion_bucket_id: int, seed: int):
+        self.convert = convert
+        self.cond_aug = cond_aug
+        self.fps_id = fps_id
+        self.motion_bucket_id = motion_bucket_id
+        self.seed = seed
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        size = len(items)
+        batch: dict[str, torch.Tensor] = {"img_seq": torch.stack([it["frames"] for it in items])}
+        mask = torch.zeros(size, len(ACTION_KEYS), dtype=torch.bool)
+        for i, key in enumerate(ACTION_KEYS):
+            values = torch.zeros(size, ACTION_FEATURES[key], dtype=torch.float32)
+            for b, item in enumerate(items):
+                if key in item["actions"]:
+                    values[b] = item["actions"][key]
+                    mask[b, i] = True
+            batch[key] = values
+        batch["action_mask"] = mask
+        batch["n_skipped"] = torch.tensor([it["n_skipped"] for it in items], dtype=torch.long)
+        batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
+        batch["cond_aug"] = torch.full((size,), self.cond_aug, dtype=torch.float32)
+        batch["fps_id"] = torch.full((size,), float(self.fps_id), dtype=torch.float32)
+        batch["motion_bucket_id"] = torch.full((size,), float(self.motion_bucket_id), dtype=torch.float32)
+        return finalize_batch(batch, cond_aug=self.cond_aug, seed=self.seed) if self.convert else batch
+
+
+def finalize_batch(batch: dict[str, torch.Tensor], *, cond_aug: float = 0.0, seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """uint8 `img_seq` -> [-1, 1] float32 plus `cond_frames_without_noise` (frame 0) and `cond_frames`
+    (frame 0 + cond_aug * noise, noise seeded by the batch's sample ids); a batch already in floats is
+    returned unchanged."""
+    if batch["img_seq"].dtype != torch.uint8:
+        return batch
+    video = to_unit_range(batch["img_seq"])
+    first = video[:, 0].clone()
+    batch["img_seq"] = video
+    batch["cond_frames_without_noise"] = first
+    if cond_aug == 0.0:
+        batch["cond_frames"] = first.clone()
+    else:
+        ids = batch["sample_id"].tolist()
+        generator = torch.Generator(device=first.device)
+        generator.manual_seed(hash((seed, *map(tuple, ids))) & (2**63 - 1))
+        noise = torch.randn(first.shape, generator=generator, device=first.device, dtype=first.dtype)
+        batch["cond_frames"] = first + cond_aug * noise
+    return batch
+
+
+class ClipSampler(DistributedSampler):
+    """Per-rank stream of (epoch, position) keys: rank r takes positions k * world_size + r, padded to whole
+    batches (every rank runs the same number of steps). A cursor (epoch, batch) says where the next iteration
+    starts; an iteration runs to the end of that epoch, and drawing an epoch to its end moves the cursor to
+    the next one. A DistributedSampler subclass so Lightning keeps it instead of wrapping it in its own."""
+
+    def __init__(self, dataset: MultiSourceClips, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 start_epoch: int = 0, start_batch: int = 0):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.batches_per_epoch = math.ceil(self.num_samples / batch_size)
+        self.num_samples = self.batches_per_epoch * batch_size
+        self.total_size = self.num_samples * world_size
+        self.set_start(start_epoch, start_batch)
+
+    def set_start(self, epoch: int, batch: int) -> None:
+        """Move the cursor: the next iteration starts at batch `batch` of `epoch`."""
+        epoch, batch = epoch + batch // self.batches_per_epoch, batch % self.batches_per_epoch
+        self.start_epoch, self.start_batch, self.epoch = epoch, batch, epoch
+
+    def mark_consumed(self, epoch: int, position: int) -> None:
+        """Move the cursor after the batch whose last sample is (epoch, position)."""
+        self.set_start(epoch, (position - self.rank) // self.num_replicas // self.batch_size + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the cursor, not the trainer's epoch counter, fixes which data comes next, so a resumed run
+        continues the same stream even where the trainer counts epochs differently after a restore."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.start_epoch
+        for k in range(self.start_batch * self.batch_size, self.num_samples):
+            yield epoch, k * self.num_replicas + self.rank
+        self.set_start(epoch + 1, 0)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable: its state is the data position, restored into the
+    ClipSampler before the first batch is drawn (this also silences Lightning's mid-epoch resume warning)."""
+
+    def __init__(self, *args: Any, position_fn: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        """The (epoch, batches consumed) position reported by the DataModule."""
+        epoch, batches = self.position_fn()
+        return {"epoch": epoch, "batches_consumed": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Start the sampler at a saved position."""
+        self.sampler.set_start(state_dict["epoch"], state_dict["batches_consumed"])
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+class VideoDataModule(pl.LightningDataModule):
+    """Training clips from weighted subsets (OpenDV-YouTube, nuScenes, ...) as contract batches, resumable."""
+
+    config_unbuilt = ("subsets",)
+    """The config layer passes `subsets` through unbuilt: their {target, params} nodes need the derived
+    num_frames / target_height / target_width, which only the DataModule knows."""
+
+    def __init__(self, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2, shuffle: bool = True,
+                 subsets: Sequence[str | Mapping[str, Any] | ClipSource] | None = None,
+                 probs: Sequence[float] | None = None, samples_per_epoch: int | None = None,
+                 target_height: int = 320, target_width: int = 576, num_frames: int = 25,
+                 seed: int | None = None, action_visibility: Visibility = "rotate", pin_memory: bool = True,
+                 persistent_workers: bool = True, timeout: float = 600.0, max_consecutive_failures: int = 16,
+                 max_failure_fraction: float = 0.1, convert_on_device: bool = True, cond_aug: float = 0.0,
+                 fps_id: int = 9, motion_bucket_id: int = 127):
+        super().__init__()
+        subsets, probs = _plain(subsets), _plain(probs)
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("prefetch_factor", prefetch_factor, 1), ("num_frames", num_frames, 1),
+                                 ("max_consecutive_failures", max_consecutive_failures, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        check_target_size(target_height, target_width)
+        if not subsets or isinstance(subsets, (str, Mapping)):
+            raise ValueError(f"subsets={subsets!r} must be a non-empty list of names "
+                             f"{sorted(REFERENCE_SUBSETS)} or {{target, params}} mappings")
+        if probs is not None:
+            numbers = all(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0 for p in probs)
+            if len(probs) != len(subsets) or not numbers or sum(probs) <= 0:
+                raise ValueError(f"probs={probs!r} must be {len(subsets)} non-negative numbers with a "
+                                 "positive sum (one per subset), or null for proportional to subset sizes")
+        if samples_per_epoch is not None and (
+                not isinstance(samples_per_epoch, int) or samples_per_epoch < 1):
+            raise ValueError(f"samples_per_epoch={samples_per_epoch!r} must be a positive integer or null")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed={seed!r} must be a non-negative integer or null (the trainer's seed)")
+        if action_visibility not in ("rotate", "all"):
+            raise ValueError(f"action_visibility={action_visibility!r} must be 'rotate' or 'all'")
+        if not 0.0 <= max_failure_fraction <= 1.0:
+            raise ValueError(f"max_failure_fraction={max_failure_fraction!r} must be in [0, 1]")
+        if not timeout >= 0 or not cond_aug >= 0:
+            raise ValueError(f"timeout={timeout!r} and cond_aug={cond_aug!r} must be >= 0")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.shuffle = shuffle
+        self.subset_specs = list(subsets)
+        self.probs = None if probs is None else [float(p) for p in probs]
+        self.samples_per_epoch = samples_per_epoch
+        self.target_height = target_height
+        self.target_width = target_width
+        self.num_frames = num_frames
+        self.seed = seed
+        self.action_visibility = action_visibility
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.timeout = float(timeout)
+        self.max_consecutive_failures = max_consecutive_failures
+        self.max_failure_fraction = float(max_failure_fraction)
+        self.convert_on_device = convert_on_device
+        self.cond_aug = float(cond_aug)
+        self.fps_id = fps_id
+        self.motion_bucket_id = motion_bucket_id
+        self.dataset: MultiSourceClips | None = None
+        self.rank, self.world_size = 0, 1
+        self._position = (0, 0)
+        self._pending_state: dict[str, Any] | None = None
+        self._sampler: ClipSampler | None = None
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self, stage: str | None = None, *, rank: int | None = None,
+              world_size: int | None = None) -> None:
+        """Build the subsets (checking roots and annotation files) and fix this process's rank."""
+        trainer = self.trainer
+        if rank is not None or world_size is not None:
+            self.rank, self.world_size = rank or 0, world_size or 1
+        elif trainer is not None:
+            self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} is outside world_size={self.world_size}")
+        if self.dataset is not None:
+            return
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        subsets = [build_subset(spec, num_frames=self.num_frames, target_height=self.target_height,
+                                target_width=self.target_width) for spec in self.subset_specs]
+        names = [spec if isinstance(spec, str) else type(built).__name__
+                 for spec, built in zip(self.subset_specs, subsets)]
+        for name, subset in zip(names, subsets):
+            if len(subset) == 0:
+                raise ValueError(f"subset {name} has no clips")
+        sizes = [len(s) for s in subsets]
+        probs = np.asarray(self.probs if self.probs is not None else sizes, dtype=np.float64)
+        self.dataset = MultiSourceClips(
+            subsets, (probs / probs.sum()).tolist(), self.samples_per_epoch or sum(sizes), seed=self.seed,
+            shuffle=self.shuffle, visibility=self.action_visibility,
+            max_consecutive_failures=self.max_consecutive_failures,
+            max_failure_fraction=self.max_failure_fraction, names=names,
+            frame_shape=(self.num_frames, 3, self.target_height, self.target_width))
+        shares = probs / probs.sum()
+        log.info("data: %s, %d samples per epoch", ", ".join(
+            f"{n} {len(s)} clips p={p:.3f}" for n, s, p in zip(names, subsets, shares)), len(self.dataset))
+
+    # ---------------------------------------------------------------- loaders
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Training loader: a ClipSampler starting at the data position, ClipCollator batches."""
+        if self.dataset is None:
+            raise RuntimeError("VideoDataModule.setup() must run before train_dataloader()")
+        if self._pending_state is not None:
+            self._check_state(self._pending_state)
+            self.set_position(self._pending_state["epoch"], self._pending_state["batches_consumed"])
+            self._pending_state = None
+        epoch, batch = self.position()
+        self._sampler = ClipSampler(self.dataset, rank=self.rank, world_size=self.world_size,
+                                    batch_size=self.batch_size, seed=self.seed or 0, start_epoch=epoch,
+                                    start_batch=batch)
+        workers = self.num_workers > 0
+        return ResumableDataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
+            collate_fn=ClipCollator(convert=not self.convert_on_device, cond_aug=self.cond_aug,
+                                    fps_id=self.fps_id, motion_bucket_id=self.motion_bucket_id,
+                                    seed=self.seed or 0),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.prefetch_factor if workers else None,
+            persistent_workers=self.persistent_workers and workers, timeout=self.timeout if workers else 0.0,
+            worker_init_fn=_worker_init if workers else None, position_fn=self.position)
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int
+                                 ) -> dict[str, torch.Tensor]:
+        """Record that a training step receives this batch: the data position moves past it."""
+        trainer = self.trainer
+        if self._sampler is not None and trainer is not None and trainer.training and "sample_id" in batch:
+            epoch, position = batch["sample_id"][-1, :2].tolist()
+            self._sampler.mark_consumed(epoch, position)
+        return batch
+
+    def test_dataloader(self) -> ResumableDataLoader:
+        """The reference's test pass (`--no_test false`) reuses the training stream."""
+        return self.train_dataloader()
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int
+                                ) -> dict[str, torch.Tensor]:
+        """Convert uint8 frames to the contract's [-1, 1] floats on the training device."""
+        return finalize_batch(batch, cond_aug=self.cond_aug, seed=self.seed or 0)
+
+    # ---------------------------------------------------------------- resumability
+
+    def set_position(self, epoch: int, batches_consumed: int) -> None:
+        """Set the data position: `batches_consumed` batches (per rank) of `epoch` are done (for loops that
+        do not run through Lightning's batch hooks)."""
+        if epoch < 0 or batches_consumed < 0:
+            raise ValueError(f"epoch={epoch} and batches_consumed={batches_consumed} must be >= 0")
+        self._position = (int(epoch), int(batches_consumed))
+        if self._sampler is not None:
+            self._sampler.set_start(*self._position)
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches consumed in it): the batch after the last one a training step received."""
+        if self._sampler is not None:
+            return self._sampler.start_epoch, self._sampler.start_batch
+        return self._position
+
+    def _fingerprint(self) -> dict[str, Any]:
+        assert self.dataset is not None
+        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
+                "samples_per_epoch": self.dataset.samples_per_epoch, "shuffle": self.shuffle,
+                "subset_sizes": [len(s) for s in self.dataset.subsets],
+                "probs": np.diff(np.concatenate([[0.0], self.dataset._cum])).round(12).tolist()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position and the settings that fix the sample order (saved in Lightning checkpoints)."""
+        if self.dataset is None:
+            return {}
+        epoch, batches = self.position()
+        return {"version": STATE_VERSION, "epoch": epoch, "batches_consumed": batches, **self._fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the data position; the next train_dataloader() continues exactly after the last batch."""
+        if not state_dict:
+            return
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state_dict.get('version')!r} is not {STATE_VERSION}")
+        self._pending_state = dict(state_dict)
+        if self.dataset is not None:
+            self._check_state(state_dict)
+            self.set_position(state_dict["epoch"], state_dict["batches_consumed"])
+            self._pending_state = None
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        now = self._fingerprint()
+        changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in now.items() if state.get(k) != v]
+        if changed:
+            raise ValueError("the data order changed since the checkpoint, so the run cannot resume exactly: "
+                             + "; ".join(changed))
+
+
+Sampler = VideoDataModule
+"""The reference's name (`vwm.data.dataset.Sampler`) for the DataModule."""

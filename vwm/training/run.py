@@ -1,0 +1,296 @@
+"""The training job: config -> run directory -> model, data, trainer -> fit, resumable by rerunning the command.
+
+The run directory is `<logdir>/<name>` with no timestamp, so every rank and every relaunch agree on it. It holds the
+resolved config, the command line, the environment, `checkpoints/step-N/` (commit protocol), `metrics.jsonl`,
+TensorBoard logs and sample videos.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from vwm.checkpoint import load_weights
+from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
+from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
+from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
+from vwm.training.strategy import build_strategy
+
+log = logging.getLogger(__name__)
+
+EXIT_SIGNAL_BASE = 128
+"""A run stopped by signal N exits with 128 + N (143 for SIGTERM), like a shell."""
+
+TRAINER_KEYS_OWNED_BY_VWM = ("strategy", "devices", "num_nodes", "precision", "max_steps", "accelerator",
+                             "enable_checkpointing", "default_root_dir", "logger", "callbacks")
+
+
+@dataclass
+class TrainOptions:
+    """Command-line options of `train.py` (see `vwm.cli.train` for their help)."""
+
+    base: list[str]
+    overrides: list[str] = field(default_factory=list)
+    finetune: str | None = None
+    resume: str | None = None
+    num_nodes: int = 1
+    n_devices: int | None = None
+    accelerator: str = "auto"
+    logdir: str = "logs"
+    name: str | None = None
+    seed: int = 23
+    no_test: bool = True
+    scale_lr: bool = False
+    enable_tf32: bool = False
+    precision: str | None = None
+    max_steps: int | None = None
+    dry_run: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ run dir
+
+
+def run_dir_for(opts: TrainOptions) -> tuple[str, str | None]:
+    """(run directory, explicit checkpoint dir or None) from --logdir/--name/--resume."""
+    if opts.resume not in (None, "", "auto"):
+        path = os.path.abspath(opts.resume)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume {opts.resume!r} does not exist")
+        if os.path.isfile(os.path.join(path, "MANIFEST.json")):  # a checkpoint directory
+            return os.path.dirname(os.path.dirname(path)), path
+        return path, None
+    name = opts.name or os.path.splitext(os.path.basename(opts.base[-1]))[0]
+    return os.path.abspath(os.path.join(opts.logdir, name)), None
+
+
+def _environment() -> dict[str, Any]:
+    import deepspeed
+
+    import vwm
+
+    env = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "pytorch_lightning": pl.__version__,
+        "deepspeed": deepspeed.__version__, "vwm": vwm.__version__, "host": platform.node(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["git"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git"] = None
+    return env
+
+
+@rank_zero_only
+def write_run_files(run_dir: str, cfg: DictConfig) -> None:
+    """Resolved config, command line and environment into the run directory (rank 0)."""
+    os.makedirs(run_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+    with open(os.path.join(run_dir, "command.txt"), "a") as f:
+        f.write(shlex.join([sys.executable, *sys.argv]) + "\n")
+    with open(os.path.join(run_dir, "env.json"), "w") as f:
+        json.dump(_environment(), f, indent=1)
+
+
+HARD_KEYS = ("model.params.network_config", "model.params.conditioner_config", "model.params.first_stage_config",
+             "model.params.num_frames", "data.params")
+"""Config parts a resumed run may not change (architecture, frame count, data order)."""
+
+
+def check_resume_config(run_dir: str, cfg: DictConfig) -> None:
+    """Refuse to resume with a different architecture or data order; warn about other changes."""
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    saved = OmegaConf.load(saved_path)
+    for key in HARD_KEYS:
+        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        if to_container(old) != to_container(new):
+            raise ConfigError(f"{key} differs from the run being resumed ({saved_path}); start a new run (--name) "
+                              f"or restore the original value")
+    if to_container(saved) != to_container(cfg):
+        log.warning("resuming %s with a config that differs in non-architectural values", run_dir)
+
+
+@rank_zero_only
+def _truncate_metrics(path: str, step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def resolve_devices(opts: TrainOptions) -> int:
+    """Devices per node: --n_devices, else torchrun's LOCAL_WORLD_SIZE, else all visible GPUs, else 1."""
+    if opts.n_devices is not None:
+        return opts.n_devices
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if opts.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def trainer_kwargs(cfg: DictConfig, opts: TrainOptions) -> dict[str, Any]:
+    """`pl.Trainer` arguments from the config's `lightning.trainer` section (checked against its signature)."""
+    import inspect
+
+    section = dict(to_container(OmegaConf.select(cfg, "lightning.trainer")) or {})
+    allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"lightning.trainer: unknown Trainer argument(s) {', '.join(unknown)}")
+    for key in TRAINER_KEYS_OWNED_BY_VWM:
+        section.pop(key, None)
+    return section
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision on GPUs, fp32 on CPU."""
+    return "bf16-mixed" if accelerator != "cpu" and torch.cuda.is_available() else "32-true"
+
+
+def checkpoint_settings(cfg: DictConfig) -> tuple[int, int]:
+    """(every_n_steps, keep_last) from `lightning.checkpoint` or the reference `lightning.modelcheckpoint.params`."""
+    ours = to_container(OmegaConf.select(cfg, "lightning.checkpoint")) or {}
+    ref = to_container(OmegaConf.select(cfg, "lightning.modelcheckpoint.params")) or {}
+    every = ours.get("every_n_steps") or ref.get("every_n_train_steps")
+    if every is None and ref.get("every_n_epochs"):
+        data = to_container(OmegaConf.select(cfg, "data.params")) or {}
+        steps_per_epoch = max(1, int(data.get("samples_per_epoch") or 1000) // int(data.get("batch_size") or 1))
+        every = steps_per_epoch * int(ref["every_n_epochs"])
+    return int(every or 1000), int(ours.get("keep_last", 3))
+
+
+def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], engine, world: int) -> tuple[list, CheckpointEvery]:
+    """Checkpointing, metrics file, throughput/MFU, LR monitor, progress bar and the configured callbacks."""
+    from vwm.training.flops import unet_forward_flops
+
+    every, keep = checkpoint_settings(cfg)
+    ckpt = CheckpointEvery(os.path.join(run_dir, "checkpoints"), every_n_steps=every, keep_last=keep)
+    frames = int(cfg.model.params.get("num_frames", 25))
+    height, width = int(data_params.get("target_height", 320)), int(data_params.get("target_width", 576))
+    network = to_container(cfg.model.params.network_config)
+    fwd = unet_forward_flops(network, frames, height, width)
+    batch = int(data_params.get("batch_size", 1))
+    callbacks: list = [
+        ckpt,
+        MetricsFile(os.path.join(run_dir, "metrics.jsonl")),
+        ThroughputMonitor(batch * world, frames * (height // 8) * (width // 8), 3 * fwd),
+        LearningRateMonitor(logging_interval="step"),
+        TQDMProgressBar(refresh_rate=1),
+    ]
+    for name, node in (to_container(OmegaConf.select(cfg, "lightning.callbacks")) or {}).items():
+        extra = {"out_dir": os.path.join(run_dir, "videos")} if node.get("target", "").endswith("VideoLogger") else {}
+        callbacks.append(instantiate(node, **extra))
+    return callbacks, ckpt
+
+
+# -------------------------------------------------------------------------------------------------- entry
+
+
+def prepare(opts: TrainOptions) -> tuple[DictConfig, str, str | None]:
+    """Load the config and decide the run directory and the checkpoint to resume from."""
+    cfg = load_config(opts.base, opts.overrides)
+    if "data" not in cfg:
+        raise ConfigError("the config has no data section (data.target / data.params)")
+    if opts.finetune and not os.path.exists(opts.finetune):
+        raise FileNotFoundError(f"--finetune {opts.finetune!r} does not exist (vwm never falls back to other weights)")
+    run_dir, explicit = run_dir_for(opts)
+    resume = None
+    if explicit:
+        read_manifest(explicit)
+        resume = explicit
+    elif opts.resume:
+        found = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        if found is None:
+            log.info("--resume %s: no complete checkpoint in %s, starting fresh", opts.resume, run_dir)
+        else:
+            resume = found[0]
+    elif latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or --name "
+                              f"for a new run")
+    return cfg, run_dir, resume
+
+
+def train(opts: TrainOptions) -> int:
+    """Run (or resume) training; returns the process exit code."""
+    if opts.enable_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg, run_dir, resume = prepare(opts)
+    if resume:
+        check_resume_config(run_dir, cfg)
+    pl.seed_everything(opts.seed, workers=True)
+    accelerator = opts.accelerator
+    precision = opts.precision or default_precision(accelerator)
+    devices = resolve_devices(opts)
+    world = devices * opts.num_nodes
+
+    data_params = dict(to_container(cfg.data.get("params")) or {})
+    engine = build_model(cfg)
+    engine.seed = opts.seed
+    trainer_cfg = trainer_kwargs(cfg, opts)
+    base_lr = float(cfg.model.get("base_learning_rate", 1e-4))
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1))
+    engine.learning_rate = base_lr * (accumulate * world * int(data_params.get("batch_size", 1)) if opts.scale_lr else 1)
+    log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
+    if opts.finetune and not resume:
+        report = load_weights(engine, opts.finetune)
+        log.info(report.summary())
+    datamodule = instantiate(cfg.data, seed=opts.seed)
+
+    strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
+    strategy = build_strategy(strategy_name, to_container(cfg.get("lightning")) or {})
+    if hasattr(strategy, "config") and isinstance(strategy.config, dict):
+        strategy.config["train_micro_batch_size_per_gpu"] = int(data_params.get("batch_size", 1))
+    callbacks, ckpt = build_callbacks(cfg, run_dir, data_params, engine, world)
+    if resume:
+        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]))
+    write_run_files(run_dir, cfg)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=opts.num_nodes, strategy=strategy, precision=precision,
+        max_steps=opts.max_steps if opts.max_steps is not None else trainer_cfg.pop("max_steps", -1),
+        default_root_dir=run_dir, enable_checkpointing=False, callbacks=callbacks,
+        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), **trainer_cfg,
+    )
+    ckpt_path = resume_target(resume, read_manifest(resume)) if resume else None
+    trainer.fit(engine, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not opts.no_test:
+        trainer.test(engine, datamodule=datamodule)
+    if ckpt.stopped_by_signal is not None:
+        return _after_signal(ckpt.stopped_by_signal)
+    if trainer.is_global_zero:
+        with open(os.path.join(run_dir, "FINISHED"), "w") as f:
+            f.write(f"{trainer.global_step}\n")
+    return 0
+
+
+def _after_signal(signum: int) -> int:
+    if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID") and rank_zero_only.rank == 0:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+        result = subprocess.run(["scontrol", "requeue", job], check=False)
+        log.warning("requested SLURM requeue of job %s (exit %d)", job, result.returncode)
+    return EXIT_SIGNAL_BASE + int(signum)

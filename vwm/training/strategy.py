@@ -1,0 +1,97 @@
+"""Distributed strategies from the YAML `lightning` section: DeepSpeed ZeRO (GPU and, for tests, CPU) and DDP.
+
+Lightning's DeepSpeedStrategy refuses CPU accelerators. The DeepSpeed engine itself runs ZeRO-2 on CPU over gloo
+(with torch's AdamW), so our subclass relaxes exactly the device checks and passes the local rank where Lightning
+passes a CUDA device index. On GPUs it behaves as Lightning's strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_DEFAULTS: dict[str, Any] = {
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": 200_000_000,
+    "allgather_bucket_size": 200_000_000,
+}
+"""ZeRO settings used unless the config's `lightning.deepspeed` section overrides them."""
+
+
+class VWMDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy that also runs on CPU (gloo) and never passes a missing device index."""
+
+    strategy_name = "vwm_deepspeed"
+
+    def _on_cpu(self) -> bool:
+        return not isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cpu():
+            # Skip DeepSpeedStrategy's CUDA-only check; DDPStrategy's environment setup does the rest.
+            DDPStrategy.setup_environment(self)
+            return
+        super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            super().setup_distributed()
+            return
+        from lightning_fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _get_process_group_backend(self) -> str:
+        return "gloo" if self._on_cpu() else super()._get_process_group_backend()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        index = self.root_device.index if self.root_device.index is not None else self.local_rank
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=index),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+
+def build_strategy(name: str | None, lightning_cfg: Mapping[str, Any], timeout_s: float = 1800.0) -> Strategy | str:
+    """The Lightning strategy named in the config (`deepspeed_stage_{1,2}`, `ddp`, `auto`), configured from YAML."""
+    name = name or "auto"
+    timeout = timedelta(seconds=timeout_s)
+    if name.startswith("deepspeed"):
+        stage = int(name.rsplit("_", 1)[-1]) if name[-1].isdigit() else 2
+        if stage not in (1, 2):
+            raise ValueError(f"strategy={name!r}: vwm supports ZeRO stages 1 and 2 (optimizer/gradient sharding)")
+        zero = {**DEEPSPEED_DEFAULTS, **dict(lightning_cfg.get("deepspeed") or {})}
+        config = {
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage, **zero},
+            "train_micro_batch_size_per_gpu": 1,
+        }
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        return VWMDeepSpeedStrategy(config=config, timeout=timeout)
+    if name == "ddp":
+        # Every trainable parameter receives a gradient (inert ones are frozen), so no unused-parameter search.
+        return DDPStrategy(find_unused_parameters=False, timeout=timeout)
+    if name in ("auto", "single_device"):
+        return "auto"
+    raise ValueError(f"lightning.trainer.strategy={name!r}: expected deepspeed_stage_1, deepspeed_stage_2, ddp or auto")
