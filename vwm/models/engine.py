@@ -89,7 +89,6 @@ class DiffusionEngine(pl.LightningModule):
         self.fixed_cond_frames = fixed_cond_frames
         self.learning_rate = 1e-4
         self.seed = 0
-        self._ema_step = -1
         self._nonfinite: torch.Tensor | None = None
 
         self.first_stage_model.eval().requires_grad_(False)
@@ -244,14 +243,14 @@ class DiffusionEngine(pl.LightningModule):
         self.log("test/loss", out.loss, on_step=True, batch_size=next(iter(batch.values())).shape[0])
         return out.loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimizer step (Lightning advances global_step when the optimizer steps).
-        if self.use_ema and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # EMA once per applied update, before any callback sees the step (so checkpoints include it). DeepSpeed
+        # is called every micro-batch and may skip a step (accumulation window, overflow): ask the engine.
+        engine = self.trainer.model if self._trainer is not None else None
+        applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
+        if self.use_ema and applied:
             self.model_ema(self.model)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._ema_step = int(checkpoint.get("global_step", -1))
 
     # ------------------------------------------------------------------------------------------- sampling
 

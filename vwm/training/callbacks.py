@@ -82,8 +82,6 @@ class MetricsFile(pl.Callback):
         row = {"step": step}
         for key, value in trainer.callback_metrics.items():
             row[key] = float(value)
-        for i, group in enumerate(trainer.optimizers[0].param_groups if trainer.optimizers else []):
-            row[f"lr/group{i}"] = float(group["lr"])
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -103,8 +103,15 @@ def latest_checkpoint(dirpath: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def resume_target(path: str, manifest: dict[str, Any]) -> str:
-    """What to pass to `Trainer.fit(ckpt_path=...)` for a committed checkpoint directory."""
-    return path if manifest.get("format") == "deepspeed" else os.path.join(path, "lightning.ckpt")
+    """What to pass to `Trainer.fit(ckpt_path=...)` for a committed checkpoint directory, after checking that every
+    pickle in it opens with the restricted (weights-only) unpickler, since DeepSpeed's loader does not restrict."""
+    from vwm.checkpoint import verify_zero_files, zero_tag_dir
+
+    if manifest.get("format") == "deepspeed":
+        ckpt_dir, tag = zero_tag_dir(path)
+        verify_zero_files(os.path.join(ckpt_dir, tag))
+        return path
+    return os.path.join(path, "lightning.ckpt")
 
 
 class CheckpointEvery(pl.Callback):
@@ -172,7 +179,7 @@ class CheckpointEvery(pl.Callback):
             os.makedirs(partial if not deepspeed else self.dirpath, exist_ok=True)
         trainer.strategy.barrier("vwm_checkpoint_prepare")
         target = partial if deepspeed else os.path.join(partial, "lightning.ckpt")
-        trainer.save_checkpoint(target)  # ends with a barrier: every rank's files are written
+        trainer.save_checkpoint(target, weights_only=False)  # ends with a barrier: every rank's files are written
         if trainer.is_global_zero:
             write_manifest(partial, {
                 **self.info,

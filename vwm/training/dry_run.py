@@ -28,7 +28,7 @@ def parameter_table(model) -> tuple[list[str], int, int, int]:
 
 def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     """Report for --dry-run (the model is built on the meta device; nothing is allocated)."""
-    from vwm.training.run import default_precision, resolve_devices
+    from vwm.training.run import resolve_devices
 
     model = build_model(cfg, device="meta")
     lines, trainable, frozen, ema = parameter_table(model)
@@ -38,7 +38,8 @@ def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     batch = int(data.get("batch_size", 1))
     devices = resolve_devices(opts)
     world = devices * opts.num_nodes
-    precision = opts.precision or default_precision(opts.accelerator)
+    # Planning usually happens on a machine without the GPUs: assume the GPU default unless told --accelerator cpu.
+    precision = opts.precision or ("32-true" if opts.accelerator == "cpu" else "bf16-mixed")
     strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
     zero = int(strategy.rsplit("_", 1)[-1]) if strategy.startswith("deepspeed") and strategy[-1].isdigit() else 0
     network = to_container(cfg.model.params.network_config)

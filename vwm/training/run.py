@@ -276,7 +276,7 @@ def train(opts: TrainOptions) -> int:
         logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), **trainer_cfg,
     )
     ckpt_path = resume_target(resume, read_manifest(resume)) if resume else None
-    trainer.fit(engine, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(engine, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not opts.no_test:
         trainer.test(engine, datamodule=datamodule)
     if ckpt.stopped_by_signal is not None:

@@ -8,9 +8,10 @@ passes a CUDA device index. On GPUs it behaves as Lightning's strategy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -61,16 +62,31 @@ class VWMDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         index = self.root_device.index if self.root_device.index is not None else self.local_rank
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=index),
-            config=self.config,
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            dist_init_required=False,
-        )
+        with _scalar_params_as_vectors(model):
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=index),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
         return engine, ds_optimizer
+
+
+@contextlib.contextmanager
+def _scalar_params_as_vectors(model: torch.nn.Module) -> Iterator[None]:
+    """DeepSpeed's initial parameter broadcast views every parameter as bytes, which fails for 0-dim ones (CLIP's
+    `logit_scale`). Present them as 1-element vectors during initialisation and restore their shape after."""
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.data = p.data.reshape(1)
+    try:
+        yield
+    finally:
+        for p in scalars:
+            p.data = p.data.reshape(())
 
 
 def build_strategy(name: str | None, lightning_cfg: Mapping[str, Any], timeout_s: float = 1800.0) -> Strategy | str:

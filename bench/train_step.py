@@ -1,0 +1,146 @@
+"""Time full training steps of a config at a resolution; print one JSON line per configuration.
+
+A step is what `train.py` runs: the real Lightning trainer and strategy (DeepSpeed ZeRO-2, bf16 by default), the
+engine's training_step (VAE encode unless latents are given, conditioner, loss, backward), the optimizer step and
+the EMA update, on a synthetic in-memory batch (random pixels or random latents), from random weights.
+
+    python bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 --width 576
+    python bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 --width 1024 --latents
+
+Reports step time (median/min/max over the timed steps, after warm-up), clips/s, the UNet forward TFLOP per clip
+(torch's flop counter on the meta device), model TFLOP per step (3x forward), MFU against --peak-tflops and the
+peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import vwm  # noqa: E402,F401  (torchvision shim first)
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from vwm.actions import ACTION_FEATURES, ACTION_KEYS  # noqa: E402
+from vwm.config import build_model, load_config, to_container  # noqa: E402
+from vwm.training.flops import GIB, unet_forward_flops  # noqa: E402
+from vwm.training.strategy import build_strategy  # noqa: E402
+
+
+class SyntheticClips(Dataset):
+    """Random clips in the batch contract (pixels in [-1, 1] or ready latents), all actions visible."""
+
+    def __init__(self, frames: int, height: int, width: int, latents: bool, length: int):
+        self.shape = (frames, 3, height, width)
+        self.latents = latents
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        t, _, h, w = self.shape
+        frame0 = torch.rand(3, h, w, generator=g) * 2 - 1
+        item = {
+            "cond_frames_without_noise": frame0, "cond_frames": frame0.clone(),
+            "cond_aug": torch.tensor(0.0), "fps_id": torch.tensor(9.0), "motion_bucket_id": torch.tensor(127.0),
+            "action_mask": torch.ones(len(ACTION_KEYS), dtype=torch.bool),
+        }
+        if self.latents:
+            item["latents"] = torch.randn(t, 4, h // 8, w // 8, generator=g)
+        else:
+            item["img_seq"] = torch.rand(*self.shape, generator=g) * 2 - 1
+        for key in ACTION_KEYS:
+            item[key] = torch.randn(ACTION_FEATURES[key], generator=g)
+        return item
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every optimizer step, synchronised with the GPU."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _sync()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=576)
+    p.add_argument("--frames", type=int, default=None, help="default: the model's num_frames")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--latents", action="store_true", help="precomputed latents (no online VAE encode)")
+    p.add_argument("--strategy", default="deepspeed_stage_2")
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config")
+    p.add_argument("--peak-tflops", type=float, default=989.4)
+    p.add_argument("--accelerator", default="gpu", help="cpu only to smoke-test the script on a tiny config")
+    p.add_argument("overrides", nargs="*", help="a.b=c config overrides")
+    args = p.parse_args()
+
+    overrides = list(args.overrides)
+    if args.checkpointing != "config":
+        overrides.append(f"model.params.network_config.params.use_checkpoint={args.checkpointing == 'on'}")
+    cfg = load_config(args.config, overrides)
+    frames = args.frames or int(cfg.model.params.num_frames)
+    network = to_container(cfg.model.params.network_config)
+    fwd = unet_forward_flops(network, frames, args.height, args.width)
+    model = build_model(cfg)
+    model.learning_rate = float(cfg.model.get("base_learning_rate", 1e-5))
+    lightning = to_container(cfg.get("lightning")) or {}
+    strategy = build_strategy(args.strategy, lightning)
+    if hasattr(strategy, "config"):
+        strategy.config["train_micro_batch_size_per_gpu"] = args.batch
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=1, strategy=strategy, precision=args.precision,
+        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[timer], gradient_clip_val=0.3,
+    )
+    data = DataLoader(SyntheticClips(frames, args.height, args.width, args.latents, 10_000), batch_size=args.batch,
+                      num_workers=4, pin_memory=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(model, train_dataloaders=data)
+    times = timer.times[args.warmup:]
+    median = statistics.median(times)
+    step_tflop = 3 * fwd * args.batch / 1e12
+    print(json.dumps({
+        "config": os.path.relpath(args.config), "resolution": f"{frames}x{args.height}x{args.width}",
+        "batch": args.batch, "latents": args.latents, "strategy": args.strategy, "precision": args.precision,
+        "checkpointing": bool(network["params"].get("use_checkpoint")),
+        "step_s_median": round(median, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
+        "clips_per_s": round(args.batch / median, 3), "unet_fwd_tflop_per_clip": round(fwd / 1e12, 2),
+        "model_tflop_per_step": round(step_tflop, 1), "mfu": round(step_tflop / median / args.peak_tflops, 4),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "steps_timed": len(times),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""train.py end to end on CPU: DDP and DeepSpeed ZeRO-2 over gloo, exact resume, crash and signal safety,
+torchrun (single- and simulated multi-node), --dry-run for every shipped config, and CLI errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import clean_subprocess_env
+from helpers import REFERENCE_CONFIGS, REPO
+
+TRAIN = os.path.join(REPO, "train.py")
+TINY = os.path.join(REPO, "configs", "tiny", "train.yaml")
+ZERO2 = "lightning.trainer.strategy=deepspeed_stage_2"
+
+
+def _train(tmp, name, *args, timeout=600, check=True, **popen):
+    cmd = [sys.executable, TRAIN, "--base", TINY, "--logdir", str(tmp), "--name", name, "--accelerator", "cpu", *args]
+    result = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=timeout,
+                            cwd=str(tmp), **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _losses(run_dir) -> list[tuple[int, float]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(row["step"], row["loss"]) for row in map(json.loads, f)]
+
+
+def _final_state(run_dir, step):
+    from vwm.checkpoint import read_state_dict
+
+    path = os.path.join(run_dir, "checkpoints", f"step-{step:09d}")
+    target = path if os.path.isdir(os.path.join(path, "checkpoint")) else os.path.join(path, "lightning.ckpt")
+    return read_state_dict(target)[0]
+
+
+def _assert_same_run(a, b, step):
+    assert _losses(a) == _losses(b)
+    sa, sb = _final_state(a, step), _final_state(b, step)
+    assert sa.keys() == sb.keys()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    assert any(k.startswith("model_ema.") for k in sa)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, strategy):
+    extra = ["--n_devices", "2", f"lightning.trainer.strategy={strategy}"]
+    _train(tmp_path, "full", "--max_steps", "6", *extra)
+    _train(tmp_path, "cut", "--max_steps", "3", *extra)
+    _train(tmp_path, "cut", "--max_steps", "6", "--resume", "auto", *extra)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert [s for s, _ in _losses(full)] == [1, 2, 3, 4, 5, 6]
+    _assert_same_run(full, cut, 6)
+    if strategy.startswith("deepspeed"):
+        step = full / "checkpoints" / "step-000000006"
+        assert (step / "zero_to_fp32.py").is_file()
+        assert len(glob.glob(str(step / "checkpoint" / "zero_pp_rank_*_optim_states.pt"))) == 2
+    else:
+        a = torch.load(full / "checkpoints/step-000000006/lightning.ckpt", weights_only=True)
+        b = torch.load(cut / "checkpoints/step-000000006/lightning.ckpt", weights_only=True)
+        for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert a["lr_schedulers"] == b["lr_schedulers"] and a["VideoDataModule"] == b["VideoDataModule"]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import vwm.training.checkpointing as c
+_replace = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == "step-000000006":
+        os.kill(os.getpid(), signal.SIGKILL)  # dies after the shards are written, before the commit rename
+    return _replace(src, dst)
+c.os.replace = replace
+from vwm.cli.train import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(tmp_path):
+    _train(tmp_path, "full", "--max_steps", "6")
+    script = tmp_path / "kill_in_save.py"
+    script.write_text(KILL_DURING_SAVE.format(repo=REPO))
+    cmd = [sys.executable, str(script), "--base", TINY, "--logdir", str(tmp_path), "--name", "crash",
+           "--accelerator", "cpu", "--max_steps", "6"]
+    crashed = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600,
+                             cwd=str(tmp_path))
+    assert crashed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "crash" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == [".step-000000006.partial", "step-000000003"]
+    resumed = _train(tmp_path, "crash", "--max_steps", "6", "--resume", "auto")
+    assert "step-000000003" in resumed.stderr + resumed.stdout or (ckpts / "step-000000006").is_dir()
+    _assert_same_run(tmp_path / "full", tmp_path / "crash", 6)
+    assert not (ckpts / ".step-000000006.partial").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_saves_at_the_next_step_and_exits_nonzero(tmp_path):
+    cmd = [sys.executable, TRAIN, "--base", TINY, "--logdir", str(tmp_path), "--name", "term", "--accelerator",
+           "cpu", "--n_devices", "2", "--max_steps", "1000", "lightning.checkpoint.every_n_steps=1000"]
+    proc = subprocess.Popen(cmd, env=clean_subprocess_env(), cwd=str(tmp_path), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    steps = [int(p.name.split("-")[1]) for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert not (tmp_path / "term" / "FINISHED").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_simulated_nodes_train_checkpoint_and_resume(tmp_path):
+    port = str(_free_port())
+
+    def launch(max_steps, *extra):
+        procs = []
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
+                   "--base", TINY, "--logdir", str(tmp_path), "--name", "nodes", "--accelerator", "cpu",
+                   "--num_nodes", "2", "--max_steps", str(max_steps), ZERO2, *extra]
+            procs.append(subprocess.Popen(cmd, env=clean_subprocess_env(), cwd=str(tmp_path),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+
+    launch(3)
+    launch(5, "--resume", "auto")
+    assert [s for s, _ in _losses(tmp_path / "nodes")] == [1, 2, 3, 4, 5]
+    manifest = json.loads((tmp_path / "nodes/checkpoints/step-000000005/MANIFEST.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["format"] == "deepspeed"
+
+
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml")))
+REFERENCE = sorted(glob.glob(os.path.join(REFERENCE_CONFIGS, "*.yaml")))
+
+
+TRAINING_CONFIGS = [c for c in SHIPPED + REFERENCE if "/base/" not in c and "inference" not in c
+                    and not c.endswith(os.path.join("tiny", "model.yaml"))]
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=os.path.basename)
+def test_dry_run_works_for_every_training_config_without_allocating(config, tmp_path, capsys):
+    from vwm.cli.train import main
+
+    assert main(["--base", config, "--dry-run", "--logdir", str(tmp_path), "--n_devices", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "# parameters" in out and "trainable" in out and "total" in out and "GiB" in out
+    assert not os.path.exists(tmp_path / os.path.splitext(os.path.basename(config))[0] / "checkpoints")
+
+
+def test_cli_errors_are_clear(tmp_path):
+    from vwm.cli.train import main
+
+    with pytest.raises(FileNotFoundError, match="--finetune 'nope.safetensors' does not exist"):
+        main(["--base", TINY, "--finetune", "nope.safetensors", "--logdir", str(tmp_path), "--dry-run"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        main(["--base", "missing.yaml", "--dry-run"])
+    with pytest.raises(ValueError, match="unknown parameter"):
+        main(["--base", TINY, "--dry-run", "model.params.bogus_key=1"])
+    run = tmp_path / "tiny" / "checkpoints" / "step-000000003"
+    run.mkdir(parents=True)
+    (run / "MANIFEST.json").write_text(json.dumps({"step": 3, "format": "lightning", "files": {}}))
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        main(["--base", TINY, "--logdir", str(tmp_path), "--name", "tiny", "--accelerator", "cpu"])
