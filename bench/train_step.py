@@ -64,19 +64,31 @@ class SyntheticClips(Dataset):
 
 
 class StepTimer(pl.Callback):
-    """Wall time of every optimizer step, synchronised with the GPU."""
+    """Wall time of every optimizer step, synchronised with the GPU; optionally profiles one step after warm-up."""
 
-    def __init__(self):
+    def __init__(self, profile_step: int | None = None, profile_path: str | None = None):
         self.times: list[float] = []
         self._t = None
+        self.profile_step, self.profile_path = profile_step, profile_path
+        self._prof = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         _sync()
+        if batch_idx == self.profile_step:
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                            torch.profiler.ProfilerActivity.CUDA])
+            self._prof.__enter__()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _sync()
         self.times.append(time.perf_counter() - self._t)
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            table = self._prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+            with open(self.profile_path, "w") as f:
+                f.write(table)
+            self._prof = None
 
 
 def _sync() -> None:
@@ -99,6 +111,9 @@ def main() -> None:
     p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config")
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--accelerator", default="gpu", help="cpu only to smoke-test the script on a tiny config")
+    p.add_argument("--profile", metavar="FILE", help="write a profiler table of the first step after warm-up")
+    p.add_argument("--benchmark", choices=["config", "on", "off"], default="config", help="cudnn.benchmark")
+    p.add_argument("--conv3d", action="store_true", help="A/B: temporal convs as cuDNN 3-D convolutions")
     p.add_argument("overrides", nargs="*", help="a.b=c config overrides")
     args = p.parse_args()
 
@@ -109,17 +124,27 @@ def main() -> None:
     frames = args.frames or int(cfg.model.params.num_frames)
     network = to_container(cfg.model.params.network_config)
     fwd = unet_forward_flops(network, frames, args.height, args.width)
-    model = build_model(cfg)
+    if args.conv3d:
+        import vwm.models.autoencoder as ae
+        import vwm.models.video_unet as unet
+
+        def conv3d(c_in, c_out, kernel_size, padding=0):
+            return torch.nn.Conv3d(c_in, c_out, kernel_size, padding=padding)
+
+        unet.temporal_conv = ae.temporal_conv = conv3d
+    model = build_model(cfg, device="cuda" if args.accelerator == "gpu" else None)
     model.learning_rate = float(cfg.model.get("base_learning_rate", 1e-5))
     lightning = to_container(cfg.get("lightning")) or {}
     strategy = build_strategy(args.strategy, lightning)
     if hasattr(strategy, "config"):
         strategy.config["train_micro_batch_size_per_gpu"] = args.batch
-    timer = StepTimer()
+    timer = StepTimer(args.warmup if args.profile else None, args.profile)
+    benchmark = bool((lightning.get("trainer") or {}).get("benchmark", False)) if args.benchmark == "config" else (
+        args.benchmark == "on")
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, strategy=strategy, precision=args.precision,
         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer], gradient_clip_val=0.3,
+        enable_model_summary=False, callbacks=[timer], gradient_clip_val=0.3, benchmark=benchmark,
     )
     data = DataLoader(SyntheticClips(frames, args.height, args.width, args.latents, 10_000), batch_size=args.batch,
                       num_workers=4, pin_memory=True)
@@ -138,7 +163,7 @@ def main() -> None:
         "model_tflop_per_step": round(step_tflop, 1), "mfu": round(step_tflop / median / args.peak_tflops, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "steps_timed": len(times),
+        "steps_timed": len(times), "cudnn_benchmark": benchmark, "temporal_conv": "3d" if args.conv3d else "2d",
     }), flush=True)
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vwm.models.layers import GroupNorm32, temporal_conv
+
 AttnType = Literal["vanilla", "vanilla-xformers", "none"]
 """Mid-block attention: "vanilla" and "vanilla-xformers" both mean single-head SDPA here; "none" skips it."""
 MergeStrategy = Literal["learned", "fixed"]
@@ -27,15 +29,6 @@ _ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class _GroupNormFP32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back to the input dtype (the norm of SVD's `time_stack`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -266,13 +259,13 @@ class TimeStackBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int | Sequence[int], dropout: float = 0.0):
         super().__init__()
         padding = _temporal_padding(kernel_size)
-        in_conv = nn.Conv3d(channels, channels, kernel_size, padding=padding)
-        out_conv = nn.Conv3d(channels, channels, kernel_size, padding=padding)
+        in_conv = temporal_conv(channels, channels, kernel_size, padding=padding)
+        out_conv = temporal_conv(channels, channels, kernel_size, padding=padding)
         nn.init.zeros_(out_conv.weight)
         nn.init.zeros_(out_conv.bias)
-        self.in_layers = nn.Sequential(_GroupNormFP32(32, channels), nn.SiLU(), in_conv)
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels, eps=1e-6), nn.SiLU(), in_conv)
         self.out_layers = nn.Sequential(
-            _GroupNormFP32(32, channels), nn.SiLU(), nn.Dropout(dropout), out_conv
+            GroupNorm32(32, channels, eps=1e-6), nn.SiLU(), nn.Dropout(dropout), out_conv
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +310,7 @@ class AE3DConv(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, video_kernel_size: int | Sequence[int]):
         super().__init__(in_channels, out_channels, 3, padding=1)
-        self.time_mix_conv = nn.Conv3d(
+        self.time_mix_conv = temporal_conv(
             out_channels, out_channels, video_kernel_size, padding=_temporal_padding(video_kernel_size)
         )
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vwm.models.attention import BasicTransformerBlock, VideoTransformerBlock
 from vwm.models.embeddings import timestep_embedding
-from vwm.models.layers import AlphaBlender, MergeStrategy, normalization, zero_module
+from vwm.models.layers import AlphaBlender, MergeStrategy, normalization, temporal_conv, zero_module
 
 
 class VideoLayer:
@@ -55,7 +55,7 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         out_channels = out_channels or channels
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        conv = nn.Conv2d if dims == 2 else temporal_conv
         padding = [k // 2 for k in kernel_size] if isinstance(kernel_size, Sequence) else kernel_size // 2
         self.frames_in_emb = frames_in_emb
         self.in_layers = nn.Sequential(
@@ -343,6 +343,7 @@ class VideoUNet(nn.Module):
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass the vector conditioning y if and only if the network has num_classes set")
         b, t = x.shape[:2]
+        x = x.to(self.input_blocks[0][0].weight.dtype)  # inputs follow the weights (bf16 under DeepSpeed bf16)
         t_emb = timestep_embedding(rearrange(c_noise, "b t -> (b t)"), self.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb)
         if cond_mask is not None and hasattr(self, "cond_time_stack_embed"):

@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from vwm.checkpoint import load_weights
+from vwm.checkpoint import load_finetune
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
 from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
@@ -183,12 +183,13 @@ def checkpoint_settings(cfg: DictConfig) -> tuple[int, int]:
     return int(every or 1000), int(ours.get("keep_last", 3))
 
 
-def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], engine, world: int) -> tuple[list, CheckpointEvery]:
+def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], world: int,
+                    info: dict[str, Any]) -> tuple[list, CheckpointEvery]:
     """Checkpointing, metrics file, throughput/MFU, LR monitor, progress bar and the configured callbacks."""
     from vwm.training.flops import unet_forward_flops
 
     every, keep = checkpoint_settings(cfg)
-    ckpt = CheckpointEvery(os.path.join(run_dir, "checkpoints"), every_n_steps=every, keep_last=keep)
+    ckpt = CheckpointEvery(os.path.join(run_dir, "checkpoints"), every_n_steps=every, keep_last=keep, info=info)
     frames = int(cfg.model.params.get("num_frames", 25))
     height, width = int(data_params.get("target_height", 320)), int(data_params.get("target_width", 576))
     network = to_container(cfg.model.params.network_config)
@@ -257,15 +258,15 @@ def train(opts: TrainOptions) -> int:
     engine.learning_rate = base_lr * (accumulate * world * int(data_params.get("batch_size", 1)) if opts.scale_lr else 1)
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
     if opts.finetune and not resume:
-        report = load_weights(engine, opts.finetune)
-        log.info(report.summary())
+        load_finetune(engine, opts.finetune, to_container(cfg.model))
     datamodule = instantiate(cfg.data, seed=opts.seed)
 
     strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
     strategy = build_strategy(strategy_name, to_container(cfg.get("lightning")) or {})
     if hasattr(strategy, "config") and isinstance(strategy.config, dict):
         strategy.config["train_micro_batch_size_per_gpu"] = int(data_params.get("batch_size", 1))
-    callbacks, ckpt = build_callbacks(cfg, run_dir, data_params, engine, world)
+    info = {"finetune": os.path.abspath(opts.finetune)} if opts.finetune else {}
+    callbacks, ckpt = build_callbacks(cfg, run_dir, data_params, world, info)
     if resume:
         _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]))
     write_run_files(run_dir, cfg)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.plugins.precision import DeepSpeedPrecision, Precision
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,28 @@ DEEPSPEED_DEFAULTS: dict[str, Any] = {
 """ZeRO settings used unless the config's `lightning.deepspeed` section overrides them."""
 
 
+class _BatchAsIsPrecision(DeepSpeedPrecision):
+    """DeepSpeed precision that leaves the batch alone: the engine casts pixels for the VAE and latents for the UNet
+    itself, so action values (metres, degrees, pixels) reach their fp32 sinusoidal embeddings unrounded."""
+
+    def convert_input(self, data: Any) -> Any:
+        return data
+
+
 class VWMDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy that also runs on CPU (gloo) and never passes a missing device index."""
 
     strategy_name = "vwm_deepspeed"
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else Precision()
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: DeepSpeedPrecision | None) -> None:
+        if type(plugin) is DeepSpeedPrecision:
+            plugin = _BatchAsIsPrecision(plugin.precision)
+        self._precision_plugin = plugin
 
     def _on_cpu(self) -> bool:
         return not isinstance(self.accelerator, CUDAAccelerator)

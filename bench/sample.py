@@ -1,0 +1,108 @@
+"""Sampling time and peak memory of one clip: 25x576x1024, 50 Euler steps with CFG (VanillaCFG 2.5), in the
+normal mode (everything on the GPU, bf16 UNet, batched CFG) and the --low_vram mode (only the module in use on
+the GPU, small decode windows), with random weights of the full-size Vista config built on the GPU. The
+reference takes 47.7 s and 52.5 GiB on one H100 (DESIGN.md §6).
+
+    python bench/sample.py                  # GPU; one JSON line per mode
+    python bench/sample.py --config configs/tiny/model.yaml --height 64 --width 64 --frames 5 --steps 2
+
+A short warm-up rollout (same shapes) runs first in each mode; `seconds` is the timed rollout: conditioning,
+VAE encode, denoising, final decode, synchronised. `peak_gib` is torch.cuda.max_memory_allocated over it
+(on a CPU: the process's peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import vwm  # noqa: E402  (torchvision shim before open_clip / Lightning)
+from vwm import rollout as ro  # noqa: E402
+from vwm.config import build_model, load_config  # noqa: E402
+
+
+def _start_frame(height: int, width: int) -> torch.Tensor:
+    """(1, 1, 3, H, W) in [-1, 1]: a smooth road-like gradient with a little texture (deterministic)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.linspace(-1, 1, height)[:, None].expand(height, width)
+    x = torch.linspace(-1, 1, width)[None, :].expand(height, width)
+    image = torch.stack([0.6 * y, 0.4 * x * y, -0.5 * y + 0.2 * x])
+    image = image + 0.05 * torch.randn(3, height, width, generator=g)
+    return image.clamp(-1, 1)[None, None]
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_mode(cfg, device: torch.device, low_vram: bool, args: argparse.Namespace) -> dict:
+    """Build the model on the device, warm up, time one rollout; the result line of this mode."""
+    model = build_model(cfg, device=device)
+    if model.num_frames != args.frames:
+        raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
+                         "num_frames)")
+    placement = ro.Placement(model, device, low_vram=low_vram)
+    frames = _start_frame(args.height, args.width)
+    actions = [ro.action_batch([ro.normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
+    settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+    ro.rollout(model, frames, actions, [ro.sample_generator(0, 1)], settings, placement)
+    settings = ro.RolloutSettings(n_steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = ro.rollout(model, frames, actions, [ro.sample_generator(0, 0)], settings, placement)
+    seconds = time.perf_counter() - start
+    line = {
+        "mode": "low_vram" if low_vram else "normal", "seconds": round(seconds, 3),
+        "peak_gib": round(_peak_gib(device), 3),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "clip": f"{args.frames}x{args.height}x{args.width}", "steps": args.steps, "sampler": args.sampler,
+        "guidance": f"VanillaCFG {args.cfg_scale}",
+        "unet_dtype": str(placement.unet_dtype).removeprefix("torch."),
+        "decode_chunk": placement.decode_chunk(settings),
+        "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "finite": bool(torch.isfinite(result.video).all()), "torch": torch.__version__,
+    }
+    del model, placement, result
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return line
+
+
+def main() -> None:
+    """Run every requested mode and print one JSON line each."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "inference", "vista.yaml"))
+    parser.add_argument("--height", type=int, default=576)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--frames", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup_steps", type=int, default=2)
+    parser.add_argument("--cfg_scale", type=float, default=2.5)
+    parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    parser.add_argument("--modes", nargs="+", choices=["normal", "low_vram"], default=["normal", "low_vram"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cfg = load_config(args.config)
+    for mode in args.modes:
+        print(json.dumps(bench_mode(cfg, device, mode == "low_vram", args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""vwm.rollout: the reference rollout procedure (vista.md §1.13), per-sample noise streams, actions from JSON,
+the ensemble reward (§1.12) and low-VRAM placement, on the tiny model (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from helpers import build_tiny, make_batch
+
+from vwm import rollout as ro
+from vwm.actions import ACTION_KEYS
+from vwm.diffusion.guidance import (
+    IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG,
+)
+from vwm.diffusion.sampler import HeunEDMSampler
+
+T = 5  # tiny model frames
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny()
+
+
+def _inputs(b: int = 1, n_rounds: int = 1, seed: int = 0, index0: int = 0):
+    frames = make_batch(b=b, t=T, seed=seed)["img_seq"][:, :3]
+    actions = [ro.action_batch([{"command": torch.tensor([1.0])}] * b)] * n_rounds
+    generators = [ro.sample_generator(23, index0 + i) for i in range(b)]
+    return frames, actions, generators
+
+
+def _run(model, settings, b=1, seed=0, index0=0, low_vram=False):
+    frames, actions, generators = _inputs(b, settings.n_rounds, seed, index0)
+    placement = ro.Placement(model, "cpu", low_vram=low_vram)
+    return ro.rollout(model, frames, actions, generators, settings, placement)
+
+
+def test_output_length_matches_the_reference_formula():
+    assert ro.output_frames(25, 1) == 25
+    assert ro.output_frames(25, 4) == 25 + 22 * 3
+    assert ro.output_frames(5, 3) == 9
+
+
+def test_rollout_follows_the_reference_procedure(tiny, monkeypatch):
+    calls = []
+    make = ro.make_sampler
+
+    def spy_make(name, n_steps, guider):
+        sampler = make(name, n_steps, guider)
+
+        def call(denoiser, network, noise, cond, uc, cond_frame=None, cond_mask=None, callback=None):
+            out = sampler(denoiser, network, noise, cond, uc, cond_frame=cond_frame, cond_mask=cond_mask,
+                          callback=callback)
+            calls.append(dict(cond=cond, uc=uc, cond_frame=cond_frame.clone(), mask=cond_mask.clone(),
+                              out=out.clone(), guider=guider))
+            return out
+
+        return call
+
+    monkeypatch.setattr(ro, "make_sampler", spy_make)
+    settings = ro.RolloutSettings(n_rounds=3, n_conds=2, n_steps=2)
+    result = _run(tiny, settings)
+    assert result.latents.shape == (1, 9, 4, 8, 8) and result.video.shape == (1, 9, 3, 64, 64)
+    assert result.video.abs().max() <= 1.0
+    assert [c["mask"][0].tolist() for c in calls] == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert all(isinstance(c["guider"], TrianglePredictionGuider) for c in calls)
+    expected = torch.cat([calls[0]["out"], calls[1]["out"][:, 3:], calls[2]["out"][:, 3:]], dim=1)
+    assert torch.equal(result.latents, expected)
+    for prev, cur in zip(calls, calls[1:]):
+        # The last 3 latents become the condition frames; the concat condition is the unscaled latent [-3];
+        # the CLIP token is the embedding of the decoded frame [-3].
+        assert torch.equal(cur["cond_frame"][:, :3], prev["out"][:, -3:])
+        assert torch.equal(cur["cond"]["concat"], prev["out"][:, -3] / tiny.scale_factor)
+        pixels = ro.decode_latents(tiny, prev["out"][:, -ro.CLIP_WINDOW:], ro.CLIP_WINDOW)[:, -3]
+        clip = tiny.conditioner.embedders[0](pixels)
+        torch.testing.assert_close(cur["cond"]["crossattn"][:, :, :64], clip, rtol=0, atol=1e-6)
+    for call in calls:  # uc: CLIP, concat and actions zeroed; vector kept
+        assert not call["uc"]["crossattn"].any() and not call["uc"]["concat"].any()
+        assert torch.equal(call["uc"]["vector"], call["cond"]["vector"])
+    assert all(not e.skip_encode for e in tiny.conditioner.embedders if hasattr(e, "skip_encode"))
+
+
+def test_single_round_uses_vanilla_cfg_and_pastes_the_gt_first_frame(tiny, monkeypatch):
+    guiders = []
+    make = ro.make_sampler
+    monkeypatch.setattr(ro, "make_sampler", lambda n, s, g: guiders.append(g) or make(n, s, g))
+    frames, actions, generators = _inputs()
+    settings = ro.RolloutSettings(n_steps=2, n_conds=0)  # no latent replacement: frame 0 is pasted afterwards
+    latents = ro.sample_latents(tiny, frames, actions, generators, settings, ro.Placement(tiny, "cpu"))
+    stream = ro.sample_generator(23, 0)
+    torch.randn((3, 64, 64), generator=stream)  # the stream's first draw: the cond_aug noise
+    z = tiny.encode_first_stage(frames[:, :1], generator=stream)
+    assert isinstance(guiders[0], VanillaCFG) and guiders[0].scale == 2.5
+    assert latents.shape == (1, 1, T, 4, 8, 8)
+    assert torch.equal(latents[0, :, 0], z[:, 0])
+
+
+def test_same_seed_is_bit_identical_and_indices_get_different_noise(tiny):
+    settings = ro.RolloutSettings(n_rounds=2, n_steps=2)
+    a, b = _run(tiny, settings), _run(tiny, settings)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.video, b.video)
+    other = _run(tiny, settings, index0=1)
+    assert not torch.allclose(a.latents[:, 1:], other.latents[:, 1:])
+    n0 = ro.draw_noise((T, 4, 8, 8), [ro.sample_generator(23, 0)])
+    n1 = ro.draw_noise((T, 4, 8, 8), [ro.sample_generator(23, 1)])
+    assert not torch.allclose(n0, n1)
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny):
+    settings = ro.RolloutSettings(n_steps=2)
+    pair = _run(tiny, settings, b=2)
+    frames, actions, _ = _inputs(2)
+    second = ro.rollout(tiny, frames[1:], [ro.action_batch([{"command": torch.tensor([1.0])}])],
+                        [ro.sample_generator(23, 1)], settings, ro.Placement(tiny, "cpu"))
+    # Same noise stream; only float rounding of batched kernels differs (amplified by sigma_max = 700).
+    torch.testing.assert_close(pair.latents[1:], second.latents, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(pair.latents[0], second.latents[0], rtol=1e-2, atol=1e-2)
+
+
+def test_low_vram_placement_gives_the_same_latents_on_cpu(tiny):
+    settings = ro.RolloutSettings(n_rounds=2, n_steps=2)
+    normal = _run(tiny, settings)
+    low = _run(tiny, settings, low_vram=True)
+    assert torch.equal(normal.latents, low.latents)
+    assert low.video.shape == normal.video.shape
+    assert ro.Placement(tiny, "cpu", low_vram=True).decode_chunk(settings) == ro.LOW_VRAM_DECODE_CHUNK
+    assert next(tiny.parameters()).device.type == "cpu"
+
+
+def test_heun_sampler_is_selectable_and_differs_from_euler(tiny):
+    assert isinstance(ro.make_sampler("heun", 3, VanillaCFG(2.0)), HeunEDMSampler)
+    euler = _run(tiny, ro.RolloutSettings(n_steps=2))
+    heun = _run(tiny, ro.RolloutSettings(n_steps=2, sampler="heun"))
+    assert not torch.allclose(euler.latents, heun.latents)
+
+
+def test_guider_choice():
+    assert isinstance(ro.make_guider(None, 2.5, 1), VanillaCFG)
+    assert isinstance(ro.make_guider(None, 2.5, 2), TrianglePredictionGuider)
+    linear = ro.make_guider("linear", 3.0, 1)
+    assert isinstance(linear, LinearPredictionGuider)
+    assert linear.frame_scales(5).tolist() == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert isinstance(ro.make_guider("triangle", 1.0, 3), IdentityGuider)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("n_conds", 4, "[0, 3]"), ("cfg_scale", 0.5, ">= 1"), ("n_steps", 0, ">= 1"), ("decode_chunk", 0, ">= 1"),
+    ("sampler", "ddim", "euler or heun"),
+])
+def test_settings_errors_name_the_field_value_and_allowed(field, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + ".*" + re.escape(allowed)):
+        ro.RolloutSettings(**{field: value}).validate(5)
+    with pytest.raises(ValueError, match="more than 3 frames"):
+        ro.RolloutSettings(n_rounds=2, n_conds=1).validate(3)
+
+
+def test_ensemble_reward_definition():
+    same = torch.randn(1, 2, 5, 4, 8, 8).expand(4, -1, -1, -1, -1, -1)
+    assert ro.ensemble_reward(same).tolist() == [1.0, 1.0]
+    two = torch.stack([torch.zeros(1, 10), torch.full((1, 10), 2.0)])  # unbiased variance 2 everywhere
+    assert ro.ensemble_reward(two).item() == pytest.approx(math.exp(-2.0), rel=1e-12)
+    x = torch.randn(5, 3, 7, dtype=torch.float64)
+    expected = torch.exp(-x.var(dim=0, unbiased=True).mean(1))
+    torch.testing.assert_close(ro.ensemble_reward(x), expected)
+    with pytest.raises(ValueError, match=r"ens_size=1 .*>= 2"):
+        ro.ensemble_reward(x[:1])
+
+
+def test_zero_noise_ensemble_has_reward_exactly_one(tiny, monkeypatch):
+    frames, actions, generators = _inputs(2)
+    settings = ro.RolloutSettings(n_steps=2)
+    placement = ro.Placement(tiny, "cpu")
+    latents = ro.sample_latents(tiny, frames, actions, generators, settings, placement, ensemble=3)
+    assert (ro.ensemble_reward(latents) < 1.0).all()
+    monkeypatch.setattr(ro, "draw_noise", lambda shape, gens: torch.zeros(len(gens), *shape))
+    latents = ro.sample_latents(tiny, frames, actions, generators, settings, placement, ensemble=3)
+    assert ro.ensemble_reward(latents).tolist() == [1.0, 1.0]
+
+
+def test_actions_in_reference_units_are_normalised():
+    got = ro.normalise_actions({"trajectory": [[1, 0], [2, 0.5], [3, 1], [4, 2]], "command": "left",
+                                "speed": [5, 5, 6, 6], "angle": [-390, 0, 78, 780], "goal": [800, 450]})
+    assert got["trajectory"].tolist() == [1, 0, 2, 0.5, 3, 1, 4, 2]
+    assert got["command"].tolist() == [1.0]
+    assert got["speed"].tolist() == [5, 5, 6, 6]
+    torch.testing.assert_close(got["angle"], torch.tensor([-0.5, 0.0, 0.1, 1.0]))
+    torch.testing.assert_close(got["goal"], torch.tensor([0.5, 0.5]))
+    batch = ro.action_batch([got, {}])
+    assert batch["action_mask"].tolist() == [[True] * 5, [False] * 5]
+    assert all(not batch[k][1].any() for k in ACTION_KEYS)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"steer": 3}, r"unknown action key\(s\) \['steer'\]; allowed"),
+    ({"trajectory": [1, 2, 3]}, r"trajectory=\[1, 2, 3\] is invalid; allowed: 8 finite numbers"),
+    ({"command": 7}, r"command=7 is invalid; allowed: \[0, 1, 2, 3\]"),
+    ({"command": "uturn"}, r"command='uturn' is invalid"),
+    ({"angle": [0, 0, 0, 900]}, r"angle=.* steering-wheel degrees in \[-780, 780\]"),
+    ({"goal": [1700, 10]}, r"goal=\[1700, 10\] is invalid; allowed: \[u, v\] with 0 < u < 1600"),
+    ({"speed": [1, 2, float("nan"), 4]}, r"speed=.* 4 finite numbers"),
+])
+def test_action_errors(raw, message):
+    with pytest.raises(ValueError, match=message):
+        ro.normalise_actions(raw, "actions_json round 1")
+
+
+def test_action_plan_file(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"command": 0}))
+    assert [r["command"].item() for r in ro.load_action_plan(str(path), 3)] == [0.0, 0.0, 0.0]
+    path.write_text(json.dumps([{"command": 0}, {"command": "left", "speed": [1, 1, 1, 1]}]))
+    plan = ro.load_action_plan(str(path), 2)
+    assert plan[1]["command"].item() == 1.0 and "speed" not in plan[0]
+    with pytest.raises(ValueError, match=r"a list of 2; allowed: one object .* n_rounds=3"):
+        ro.load_action_plan(str(path), 3)
+    path.write_text("{oops")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        ro.load_action_plan(str(path), 1)

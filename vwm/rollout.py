@@ -1,0 +1,438 @@
+"""Long-horizon autoregressive sampling with a DiffusionEngine (reference/vista.md §1.13) and the ensemble
+reward (§1.12).
+
+Round 1 is conditioned on `n_conds` encoded ground-truth frames; every later round on the last 3 latents of
+the previous one (latent replacement), with the CLIP image taken from the decoded frame that becomes the new
+round's frame 0 and the concat condition set to that frame's unscaled latent (the VAE-encoder embedder's
+`skip_encode`). A video of T-frame rounds has T + (T - 3)·(n_rounds - 1) frames.
+
+Every random draw of sample i (condition-frame noise, VAE posterior noise, each round's initial noise) comes
+from its own CPU generator seeded by (seed, i), so a sample does not depend on the batch it is drawn in, on
+the device, or on the samples before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vwm.actions import (
+    ACTION_FEATURES, ACTION_KEYS, COMMANDS, GOAL_IMAGE_SIZE, MODALITIES, STEERING_WHEEL_RANGE_DEG,
+)
+from vwm.diffusion.guidance import (
+    IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG,
+)
+from vwm.diffusion.noise import EDMDiscretization
+from vwm.diffusion.sampler import EulerEDMSampler, Guider, HeunEDMSampler
+from vwm.models.engine import DiffusionEngine, step_seed
+
+log = logging.getLogger(__name__)
+
+GuiderName = Literal["vanilla", "linear", "triangle"]
+SamplerName = Literal["euler", "heun"]
+
+OVERLAP = 3
+"""Latents carried from one round into the next as its condition frames (the reference's 3)."""
+CLIP_WINDOW = 5
+"""Latents decoded per round to get the next CLIP frame: the frame at -OVERLAP with 2 neighbours on each side
+for the temporal decoder (the reference decodes the last 14 to use one)."""
+UC_ZERO_KEYS = ("cond_frames", "cond_frames_without_noise", *ACTION_KEYS)
+"""Inputs zeroed in the unconditional branch (reference sample.py: CLIP, concat latent and every action)."""
+FPS_ID = 9
+"""fps conditioning value (10 fps - 1), as in every Vista training clip."""
+MOTION_BUCKET_ID = 127
+"""Motion-bucket conditioning value, as in every Vista training clip."""
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 700.0, 7.0
+"""Sampling schedule of the reference (EDM discretisation with sigma_max 700)."""
+LOW_VRAM_DECODE_CHUNK = 6
+"""Frames per VAE decode window in low-VRAM mode (windows overlap by 3, so each adds 3 new frames)."""
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How to sample: rounds, condition frames, steps, guidance, sampler, cond_aug and VAE decode window."""
+
+    n_rounds: int = 1
+    n_conds: int = 1
+    n_steps: int = 50
+    cfg_scale: float = 2.5
+    guider: GuiderName | None = None
+    """None: vanilla CFG for one round, the triangle schedule for several (the reference's choice)."""
+    sampler: SamplerName = "euler"
+    cond_aug: float = 0.0
+    decode_chunk: int | None = None
+    """Frames per final VAE decode window; None: the model's en_and_decode_n_samples_a_time."""
+
+    def validate(self, num_frames: int) -> None:
+        """Raise ValueError naming the field, its value and what is allowed, for a model of num_frames."""
+        checks = (
+            ("n_rounds", self.n_rounds, self.n_rounds >= 1, "an int >= 1"),
+            ("n_steps", self.n_steps, self.n_steps >= 1, "an int >= 1"),
+            ("n_conds", self.n_conds, 0 <= self.n_conds <= min(OVERLAP, num_frames - 1),
+             f"an int in [0, {min(OVERLAP, num_frames - 1)}]"),
+            ("cfg_scale", self.cfg_scale, math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0,
+             "a finite float >= 1 (1 disables guidance)"),
+            ("guider", self.guider, self.guider in (None, "vanilla", "linear", "triangle"),
+             "vanilla, linear or triangle"),
+            ("sampler", self.sampler, self.sampler in ("euler", "heun"), "euler or heun"),
+            ("cond_aug", self.cond_aug, math.isfinite(self.cond_aug) and self.cond_aug >= 0.0,
+             "a float >= 0"),
+            ("decode_chunk", self.decode_chunk, self.decode_chunk is None or self.decode_chunk >= 1,
+             "an int >= 1 or None"),
+        )
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        if self.n_rounds > 1 and num_frames <= OVERLAP:
+            raise ValueError(f"n_rounds={self.n_rounds} needs more than {OVERLAP} frames per round; the "
+                             f"model has num_frames={num_frames}")
+
+
+def output_frames(num_frames: int, n_rounds: int) -> int:
+    """Frames of a rollout: T + (T - 3)·(n_rounds - 1)."""
+    return num_frames + (num_frames - OVERLAP) * (n_rounds - 1)
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator of sample `index` under run seed `seed` (independent streams for different indices)."""
+    return torch.Generator().manual_seed(step_seed(seed, index))
+
+
+def draw_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """(B, *shape) standard normal noise, row i drawn from generators[i] (on the CPU)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
+def make_guider(name: GuiderName | None, cfg_scale: float, n_rounds: int) -> Guider:
+    """Guider of the reference: VanillaCFG(s) for one round, TrianglePredictionGuider(s, 1) for several;
+    `linear` is LinearPredictionGuider(s, 1); scale 1 is no guidance (no unconditional pass)."""
+    name = name or ("triangle" if n_rounds > 1 else "vanilla")
+    if cfg_scale == 1.0:
+        return IdentityGuider()
+    if name == "vanilla":
+        return VanillaCFG(cfg_scale)
+    if name == "linear":
+        return LinearPredictionGuider(max_scale=cfg_scale, min_scale=1.0)
+    if name == "triangle":
+        return TrianglePredictionGuider(max_scale=cfg_scale, min_scale=1.0)
+    raise ValueError(f"guider={name!r} is invalid; allowed: vanilla, linear, triangle")
+
+
+def make_sampler(name: SamplerName, n_steps: int, guider: Guider) -> EulerEDMSampler:
+    """Deterministic EDM sampler (no churn) over the reference schedule, Euler or Heun."""
+    cls = {"euler": EulerEDMSampler, "heun": HeunEDMSampler}.get(name)
+    if cls is None:
+        raise ValueError(f"sampler={name!r} is invalid; allowed: euler, heun")
+    return cls(num_steps=n_steps, discretization_config=EDMDiscretization(SIGMA_MIN, SIGMA_MAX, RHO),
+               guider_config=guider, s_churn=0.0, s_tmin=0.0, s_tmax=999.0, s_noise=1.0)
+
+
+class Placement:
+    """Where the parts of a model run: all on `device`, or (low_vram) each moved there only while in use.
+
+    Constructing it prepares the model in place: eval mode, no gradients, the UNet cast to `unet_dtype`
+    (default bf16 on CUDA, fp32 elsewhere; inputs are cast on the way in and outputs back to fp32, so the
+    sampler state stays fp32), everything on `device` (low_vram: on the CPU). The conditioner and the VAE
+    keep their fp32 weights.
+    """
+
+    def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
+                 unet_dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.low_vram = low_vram
+        self.unet_dtype = unet_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        model.eval().requires_grad_(False)
+        model.model.to(dtype=self.unet_dtype)
+        model.to("cpu" if low_vram else self.device)
+
+    @contextlib.contextmanager
+    def use(self, module: nn.Module) -> Iterator[None]:
+        """Have `module` on the device for the duration (low_vram: moved there and back to the CPU)."""
+        if not self.low_vram:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def network(self, x: torch.Tensor, c_noise: torch.Tensor, cond: dict[str, torch.Tensor],
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet call the denoiser makes, in the UNet's dtype, returning the input's dtype."""
+        out = self.model.model(x.to(self.unet_dtype), c_noise, cond, cond_mask)
+        return out.to(x.dtype)
+
+    def decode_chunk(self, settings: RolloutSettings) -> int | None:
+        """Frames per final decode window: the setting, else LOW_VRAM_DECODE_CHUNK or the model's value."""
+        if settings.decode_chunk is not None:
+            return settings.decode_chunk
+        return LOW_VRAM_DECODE_CHUNK if self.low_vram else self.model.en_and_decode_n_samples_a_time
+
+
+# ------------------------------------------------------------------------------------------------ actions
+
+
+def normalise_actions(raw: Mapping[str, Any], where: str = "actions") -> dict[str, torch.Tensor]:
+    """Model features from actions in the reference's annotation units (vista.md §1.10).
+
+    trajectory: 8 numbers or 4 [x, y] pairs, metres, ego frame of frame 0 (x forward, y left);
+    command: 0-3 or right / left / stop / straight; speed: 4 numbers in the annotation's speed unit;
+    angle: 4 steering-wheel angles in degrees (|a| <= 780, divided by 780); goal: [u, v] pixel in the
+    1600x900 CAM_FRONT image (0 < u < 1600, 0 < v < 900, divided by the image size).
+    """
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be an object with keys among {list(ACTION_KEYS)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(ACTION_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown action key(s) {unknown}; allowed: {list(ACTION_KEYS)}")
+    out = {}
+    for key, value in raw.items():
+        if key == "command":
+            value = COMMANDS.get(value, value) if isinstance(value, str) else value
+            if isinstance(value, bool) or not isinstance(value, int) or value not in COMMANDS.values():
+                raise ValueError(f"{where}.command={value!r} is invalid; allowed: "
+                                 f"{sorted(COMMANDS.values())} or {list(COMMANDS)}")
+            out[key] = torch.tensor([float(value)])
+            continue
+        if key == "trajectory" and isinstance(value, list) and all(isinstance(p, list) for p in value):
+            value = [c for point in value for c in point]
+        n = ACTION_FEATURES[key]
+        if (not isinstance(value, list) or len(value) != n
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in value)):
+            raise ValueError(f"{where}.{key}={value!r} is invalid; allowed: {n} finite numbers"
+                             + (" (or 4 [x, y] pairs)" if key == "trajectory" else ""))
+        features = torch.tensor(value, dtype=torch.float64)
+        if key == "angle":
+            if features.abs().max() > STEERING_WHEEL_RANGE_DEG:
+                raise ValueError(f"{where}.angle={value!r} is invalid; allowed: steering-wheel degrees in "
+                                 f"[-{STEERING_WHEEL_RANGE_DEG:g}, {STEERING_WHEEL_RANGE_DEG:g}]")
+            features = features / STEERING_WHEEL_RANGE_DEG
+        elif key == "goal":
+            size = torch.tensor(GOAL_IMAGE_SIZE, dtype=torch.float64)
+            if not bool(((features > 0) & (features < size)).all()):
+                raise ValueError(f"{where}.goal={value!r} is invalid; allowed: [u, v] with 0 < u < "
+                                 f"{GOAL_IMAGE_SIZE[0]:g} and 0 < v < {GOAL_IMAGE_SIZE[1]:g} (pixels)")
+            features = features / size
+        out[key] = features.float()
+    return out
+
+
+def load_action_plan(path: str, n_rounds: int) -> list[dict[str, torch.Tensor]]:
+    """Per-round model features from a JSON file: one object for every round, or a list of n_rounds."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"actions_json={path!r} is not valid JSON: {err}") from err
+    if isinstance(data, dict):
+        data = [data] * n_rounds
+    if not isinstance(data, list) or len(data) != n_rounds:
+        got = f"a list of {len(data)}" if isinstance(data, list) else type(data).__name__
+        raise ValueError(f"actions_json={path!r} holds {got}; allowed: one object (used for every round) or "
+                         f"a list of n_rounds={n_rounds} objects")
+    return [normalise_actions(entry, f"actions_json round {r + 1}") for r, entry in enumerate(data)]
+
+
+def select_modality(actions: Mapping[str, torch.Tensor], modality: str | None) -> tuple[dict, list[str]]:
+    """(the actions of a modality of vwm.actions.MODALITIES, or none for None; the keys it lacks)."""
+    keys = () if modality is None else MODALITIES[modality]
+    return {k: actions[k] for k in keys if k in actions}, [k for k in keys if k not in actions]
+
+
+def action_batch(per_sample: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batch of per-sample action dicts: every action key (B, F), zero where absent, and action_mask (B,5)."""
+    batch = {k: torch.zeros(len(per_sample), ACTION_FEATURES[k]) for k in ACTION_KEYS}
+    mask = torch.zeros(len(per_sample), len(ACTION_KEYS), dtype=torch.bool)
+    for i, actions in enumerate(per_sample):
+        for j, key in enumerate(ACTION_KEYS):
+            if key in actions:
+                batch[key][i] = actions[key].float()
+                mask[i, j] = True
+    batch["action_mask"] = mask
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float] | None, key: str, device: torch.device) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _conditioning(model: DiffusionEngine, placement: Placement, pixels: torch.Tensor,
+                  concat_input: torch.Tensor, actions: Mapping[str, torch.Tensor], cond_aug: float,
+                  skip_encode: bool):
+    """(c, uc) for one round; with skip_encode the concat input is an unscaled latent used as is."""
+    dev, b = placement.device, pixels.shape[0]
+    batch = {
+        "cond_frames_without_noise": pixels.to(dev),
+        "cond_frames": concat_input.to(dev),
+        "cond_aug": torch.full((b,), float(cond_aug), device=dev),
+        "fps_id": torch.full((b,), float(FPS_ID), device=dev),
+        "motion_bucket_id": torch.full((b,), float(MOTION_BUCKET_ID), device=dev),
+        **{k: v.to(dev) for k, v in actions.items()},
+    }
+    embedders = list(model.conditioner.embedders)
+    uc_keys = [k for k in UC_ZERO_KEYS if k in {e.input_key for e in embedders}]
+    encoders = [e for e in embedders if hasattr(e, "skip_encode")]
+    with placement.use(model.conditioner):
+        for e in encoders:
+            e.skip_encode = skip_encode
+        try:
+            return model.get_conditioning(batch, uc_keys=uc_keys)
+        finally:
+            for e in encoders:
+                e.skip_encode = False
+
+
+def decode_latents(model: DiffusionEngine, z: torch.Tensor, chunk: int,
+                   overlap: int = OVERLAP) -> torch.Tensor:
+    """Scaled latents (B,T,C,h,w) -> fp32 pixels (B,T,3,H,W), unclamped, in windows of `chunk` frames
+    whose `overlap` shared frames are averaged (the reference's decode_first_stage)."""
+    vae = model.first_stage_model
+    dtype = next(vae.parameters()).dtype
+    return vae.decode_video((z / model.scale_factor).to(dtype), chunk, overlap=overlap).float()
+
+
+@torch.no_grad()
+def sample_latents(
+    model: DiffusionEngine,
+    frames: torch.Tensor,
+    actions: Sequence[Mapping[str, torch.Tensor]],
+    generators: Sequence[torch.Generator],
+    settings: RolloutSettings,
+    placement: Placement,
+    ensemble: int = 1,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Scaled latents (E, B, L, C, h, w) of `ensemble` rollouts per clip, L = output_frames(T, n_rounds).
+
+    frames: (B, n, 3, H, W) in [-1, 1], the clip's first frames (n >= max(n_conds, 1)); actions: one action
+    batch (see `action_batch`) per round; generators: one per clip. The encoding and round-1 conditioning
+    are shared by the ensemble members; each member draws fresh noise for every round.
+    """
+    t = model.num_frames
+    settings.validate(t)
+    n_enc = max(settings.n_conds, 1)
+    b = frames.shape[0]
+    if frames.ndim != 5 or frames.shape[1] < n_enc or frames.shape[2] != 3:
+        raise ValueError(f"frames must be (B, n >= {n_enc}, 3, H, W), got shape {tuple(frames.shape)}")
+    if len(generators) != b:
+        raise ValueError(f"got {len(generators)} generators for a batch of {b} clips; need one per clip")
+    if len(actions) != settings.n_rounds:
+        raise ValueError(f"got actions for {len(actions)} rounds; n_rounds={settings.n_rounds}")
+    dev = placement.device
+    first = frames[:, 0].float()
+    aug = draw_noise(first.shape[1:], generators) * settings.cond_aug
+    with _timed(timings, "encode_s", dev), placement.use(model.first_stage_model):
+        z = torch.cat([model.encode_first_stage(frames[i:i + 1, :n_enc].float().to(dev), generator=g)
+                       for i, g in enumerate(generators)])
+    with _timed(timings, "condition_s", dev):
+        c, uc = _conditioning(model, placement, first, first + aug, actions[0], settings.cond_aug, False)
+    guider = make_guider(settings.guider, settings.cfg_scale, settings.n_rounds)
+    sampler = make_sampler(settings.sampler, settings.n_steps, guider)
+    latent_shape = (t, *z.shape[2:])
+    first_cond = z.new_zeros(b, *latent_shape)
+    first_cond[:, :n_enc] = z
+    first_mask = torch.zeros(b, t, device=dev)
+    first_mask[:, :settings.n_conds] = 1.0
+    next_mask = torch.zeros(b, t, device=dev)
+    next_mask[:, :OVERLAP] = 1.0
+    window = min(CLIP_WINDOW, t)
+
+    def denoise_round(cond, uncond, cond_frame, mask):
+        noise = draw_noise(latent_shape, generators).to(dev)
+        with _timed(timings, "denoise_s", dev), placement.use(model.model):
+            return sampler(model.denoiser, placement.network, noise, cond, uncond, cond_frame=cond_frame,
+                           cond_mask=mask, callback=callback)
+
+    members = []
+    for _ in range(ensemble):
+        sample = denoise_round(c, uc, first_cond, first_mask)
+        sample[:, 0] = z[:, 0]
+        out = z.new_zeros(b, output_frames(t, settings.n_rounds), *latent_shape[1:])
+        out[:, :t] = sample
+        for r in range(1, settings.n_rounds):
+            with _timed(timings, "clip_decode_s", dev), placement.use(model.first_stage_model):
+                pixels = decode_latents(model, sample[:, -window:], window)[:, -OVERLAP]
+            with _timed(timings, "condition_s", dev):
+                c_r, uc_r = _conditioning(model, placement, pixels, sample[:, -OVERLAP] / model.scale_factor,
+                                          actions[r], settings.cond_aug, True)
+            cond_frame = z.new_zeros(b, *latent_shape)
+            cond_frame[:, :OVERLAP] = sample[:, -OVERLAP:]
+            sample = denoise_round(c_r, uc_r, cond_frame, next_mask)
+            start = t + (r - 1) * (t - OVERLAP)
+            out[:, start:start + t - OVERLAP] = sample[:, OVERLAP:]
+        members.append(out)
+    return torch.stack(members)
+
+
+@torch.no_grad()
+def decode_rollout(model: DiffusionEngine, latents: torch.Tensor, settings: RolloutSettings,
+                   placement: Placement, timings: dict[str, float] | None = None) -> torch.Tensor:
+    """Pixels (B, L, 3, H, W) in [-1, 1], on the CPU, of rollout latents (B, L, C, h, w) (overlap decode)."""
+    chunk = placement.decode_chunk(settings) or latents.shape[1]
+    with _timed(timings, "decode_s", placement.device), placement.use(model.first_stage_model):
+        return decode_latents(model, latents, chunk).clamp(-1.0, 1.0).cpu()
+
+
+@dataclass
+class RolloutResult:
+    """Latents (B, L, C, h, w), pixels (B, L, 3, H, W) in [-1, 1] on the CPU, and seconds per stage."""
+
+    latents: torch.Tensor
+    video: torch.Tensor
+    timings: dict[str, float]
+
+
+def rollout(
+    model: DiffusionEngine,
+    frames: torch.Tensor,
+    actions: Sequence[Mapping[str, torch.Tensor]],
+    generators: Sequence[torch.Generator],
+    settings: RolloutSettings,
+    placement: Placement,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> RolloutResult:
+    """Sample and decode one rollout per clip (see `sample_latents` for the arguments)."""
+    timings: dict[str, float] = {}
+    latents = sample_latents(model, frames, actions, generators, settings, placement, 1, callback, timings)[0]
+    video = decode_rollout(model, latents, settings, placement, timings)
+    log.info("rollout of %d clip(s) x %d frames: %s", video.shape[0], video.shape[1],
+             ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    return RolloutResult(latents=latents, video=video, timings=timings)
+
+
+def ensemble_reward(latents: torch.Tensor) -> torch.Tensor:
+    """Reward per clip, exp(-mean over latents of the unbiased ensemble variance) (vista.md §1.12).
+
+    latents: (E, B, ...) with E >= 2 members. Computed in float64 from deviations to the first member, so an
+    ensemble of identical members has variance exactly 0 and reward exactly 1.
+    """
+    e = latents.shape[0]
+    if e < 2:
+        raise ValueError(f"ens_size={e} is invalid; allowed: >= 2 (the ensemble variance needs two samples)")
+    d = latents.double() - latents[0].double()
+    var = ((d.square().sum(0) - d.sum(0).square() / e) / (e - 1)).clamp(min=0.0)
+    return torch.exp(-var.flatten(1).mean(1))
