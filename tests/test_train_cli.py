@@ -190,3 +190,9 @@ def test_cli_errors_are_clear(tmp_path):
     (run / "MANIFEST.json").write_text(json.dumps({"step": 3, "format": "lightning", "files": {}}))
     with pytest.raises(FileExistsError, match="--resume auto"):
         main(["--base", TINY, "--logdir", str(tmp_path), "--name", "tiny", "--accelerator", "cpu"])
+
+
+def test_config_max_steps_is_honoured_without_the_flag(tmp_path):
+    _train(tmp_path, "cfgsteps", "lightning.trainer.max_steps=2", "data.params.batch_size=1")
+    assert [s for s, _ in _losses(tmp_path / "cfgsteps")] == [1, 2]
+    assert (tmp_path / "cfgsteps" / "FINISHED").read_text().strip() == "2"

@@ -417,6 +417,7 @@ def load_weights(
             fill[key] = torch.zeros(shape, dtype=expected[key].dtype)
         else:  # down projection ~ N(0, 1/rank), as the reference initialises it
             fill[key] = (torch.randn(shape) / shape[0]).to(expected[key].dtype)
+    # Every key was checked above; only the EMA (rebuilt below) may remain missing, asserted right after.
     incompatible = model.load_state_dict(fill, strict=False)
     leftover = set(incompatible.missing_keys) - set(by_family.get("ema", []))
     assert not leftover and not incompatible.unexpected_keys, (leftover, incompatible.unexpected_keys)

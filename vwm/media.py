@@ -33,7 +33,7 @@ def write_mp4(frames: np.ndarray, path: str, fps: float = 10.0, crf: int = 18) -
         stream = container.add_stream("libx264", rate=int(round(fps)))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), "threads": "1"}  # single-threaded x264: identical frames, identical file
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)

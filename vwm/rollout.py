@@ -309,9 +309,7 @@ def decode_latents(model: DiffusionEngine, z: torch.Tensor, chunk: int,
                    overlap: int = OVERLAP) -> torch.Tensor:
     """Scaled latents (B,T,C,h,w) -> fp32 pixels (B,T,3,H,W), unclamped, in windows of `chunk` frames
     whose `overlap` shared frames are averaged (the reference's decode_first_stage)."""
-    vae = model.first_stage_model
-    dtype = next(vae.parameters()).dtype
-    return vae.decode_video((z / model.scale_factor).to(dtype), chunk, overlap=overlap).float()
+    return model.decode_first_stage(z, overlap=overlap, chunk_size=chunk).float()
 
 
 @torch.no_grad()

@@ -31,3 +31,6 @@ class Clip:
     as the reference does (trajectory metres, speed raw, angle / 780, goal / (1600, 900), command as float)."""
     source: str = ""
     """Human-readable origin (file path, scene token, seed) for logs and audits."""
+    moments: torch.Tensor | None = None
+    """From a latent cache (vwm.data.latents): VAE posterior moments [mean | logvar], unscaled, (T, 2C, h, w);
+    `frames` then holds only the condition frame, uint8 (1, 3, H, W)."""

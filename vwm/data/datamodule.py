@@ -43,7 +43,9 @@ class DataBudgetError(RuntimeError):
 
 
 class ClipSource(Protocol):
-    """What the DataModule needs from a subset (docs/architecture.md, "Data subsets")."""
+    """What the DataModule needs from a subset (docs/architecture.md, "Data subsets"). Optional: a true
+    `yields_moments` attribute (clips carry cached VAE moments) and `check_model(model)`, called at setup with
+    the model being trained (a latent cache compares its VAE identity there)."""
 
     def __len__(self) -> int: ...
 
@@ -164,9 +166,14 @@ class MultiSourceClips(Dataset):
                 f"{100.0 * self.failures / max(self.attempts, 1):.1f}% in this worker")
 
     def _check_clip(self, clip: Clip, subset: int, index: int) -> None:
-        if tuple(clip.frames.shape) != self.frame_shape or clip.frames.dtype != torch.uint8:
+        shape = self.frame_shape if clip.moments is None else (1, *self.frame_shape[1:])
+        if tuple(clip.frames.shape) != shape or clip.frames.dtype != torch.uint8:
             raise ValueError(f"subset {self.names[subset]} returned frames {tuple(clip.frames.shape)} "
-                             f"{clip.frames.dtype} for index {index}; expected uint8 {self.frame_shape}")
+                             f"{clip.frames.dtype} for index {index}; expected uint8 {shape}")
+        moments = clip.moments
+        if moments is not None and (moments.ndim != 4 or moments.shape[0] != self.frame_shape[0]):
+            raise ValueError(f"subset {self.names[subset]} returned moments {tuple(moments.shape)} for "
+                             f"index {index}; expected ({self.frame_shape[0]}, 2C, h, w)")
         for key, value in clip.actions.items():
             if key not in ACTION_FEATURES or tuple(value.shape) != (ACTION_FEATURES[key],):
                 raise ValueError(f"subset {self.names[subset]} returned action {key!r} of shape "
@@ -184,8 +191,11 @@ class MultiSourceClips(Dataset):
                 continue
             self._check_clip(clip, subset, index)
             visible = self.visible_actions(list(clip.actions), u)
-            return {"frames": clip.frames, "actions": {k: clip.actions[k] for k in visible},
+            item = {"frames": clip.frames, "actions": {k: clip.actions[k] for k in visible},
                     "n_skipped": attempt, "sample_id": (epoch, position, subset, index)}
+            if clip.moments is not None:
+                item["moments"] = clip.moments
+            return item
         raise DataBudgetError(
             f"{self.max_consecutive_failures} consecutive broken samples while drawing epoch {epoch} "
             f"position {position} (max_consecutive_failures); {self._rate()}; examples: "
@@ -193,7 +203,8 @@ class MultiSourceClips(Dataset):
 
 
 class ClipCollator:
-    """Stack dataset items into the batch contract (frames left uint8 unless `convert`)."""
+    """Stack dataset items into the batch contract (frames left uint8 unless `convert`); items from a latent
+    cache give `latent_moments` (B,T,2C,h,w) and the condition frame instead of `img_seq`."""
 
     def __init__(self, *, convert: bool, cond_aug: float, fps_id: int, motion_bucket_id: int, seed: int):
         self.convert = convert
@@ -204,7 +215,12 @@ class ClipCollator:
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         size = len(items)
-        batch: dict[str, torch.Tensor] = {"img_seq": torch.stack([it["frames"] for it in items])}
+        if "moments" in items[0]:
+            batch: dict[str, torch.Tensor] = {
+                "latent_moments": torch.stack([it["moments"] for it in items]),
+                "cond_frames_without_noise": torch.stack([it["frames"][0] for it in items])}
+        else:
+            batch = {"img_seq": torch.stack([it["frames"] for it in items])}
         mask = torch.zeros(size, len(ACTION_KEYS), dtype=torch.bool)
         for i, key in enumerate(ACTION_KEYS):
             values = torch.zeros(size, ACTION_FEATURES[key], dtype=torch.float32)
@@ -225,13 +241,19 @@ class ClipCollator:
 def finalize_batch(batch: dict[str, torch.Tensor], *, cond_aug: float = 0.0, seed: int = 0
                    ) -> dict[str, torch.Tensor]:
     """uint8 `img_seq` -> [-1, 1] float32 plus `cond_frames_without_noise` (frame 0) and `cond_frames`
-    (frame 0 + cond_aug * noise, noise seeded by the batch's sample ids); a batch already in floats is
-    returned unchanged."""
-    if batch["img_seq"].dtype != torch.uint8:
-        return batch
-    video = to_unit_range(batch["img_seq"])
-    first = video[:, 0].clone()
-    batch["img_seq"] = video
+    (frame 0 + cond_aug * noise, noise seeded by the batch's sample ids); a latent-cache batch (no
+    `img_seq`) has only its uint8 `cond_frames_without_noise` converted; a batch already in floats is returned
+    unchanged."""
+    if "img_seq" in batch:
+        if batch["img_seq"].dtype != torch.uint8:
+            return batch
+        video = to_unit_range(batch["img_seq"])
+        first = video[:, 0].clone()
+        batch["img_seq"] = video
+    else:
+        if batch["cond_frames_without_noise"].dtype != torch.uint8:
+            return batch
+        first = to_unit_range(batch["cond_frames_without_noise"])
     batch["cond_frames_without_noise"] = first
     if cond_aug == 0.0:
         batch["cond_frames"] = first.clone()
@@ -398,6 +420,16 @@ class VideoDataModule(pl.LightningDataModule):
         for name, subset in zip(names, subsets):
             if len(subset) == 0:
                 raise ValueError(f"subset {name} has no clips")
+        cached = [bool(getattr(s, "yields_moments", False)) for s in subsets]
+        if any(cached) and not all(cached):
+            raise ValueError(
+                f"subsets mix latent caches {[n for n, c in zip(names, cached) if c]} with pixel sources "
+                f"{[n for n, c in zip(names, cached) if not c]}; train from latent caches only (build one "
+                "per source with `python -m vwm.data.latents build`) or from pixels only")
+        model = getattr(trainer, "lightning_module", None)
+        for subset in subsets:
+            if model is not None and callable(getattr(subset, "check_model", None)):
+                subset.check_model(model)
         sizes = [len(s) for s in subsets]
         probs = np.asarray(self.probs if self.probs is not None else sizes, dtype=np.float64)
         self.dataset = MultiSourceClips(

@@ -529,3 +529,39 @@ class AutoencoderKLModeOnly(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (N, embed_dim, h, w) -> frames (N, out_ch, H, W)."""
         return self.decoder(self.post_quant_conv(z))
+
+
+class PixelShuffleAutoencoder(nn.Module):
+    """Parameter-free, exactly invertible first stage: `patch` x `patch` pixel blocks become channels
+    (pixel_unshuffle), so latents are (3·patch², H/patch, W/patch) and decoding is lossless.
+
+    For small demos and tests on CPU, where a pretrained VAE is not available: the diffusion model then works on
+    real image content and its samples decode to real pictures. Same interface as `AutoencodingEngine`.
+    """
+
+    def __init__(self, patch: int = 4, in_channels: int = 3):
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"patch={patch} must be >= 1")
+        self.patch = patch
+        self.in_channels = in_channels
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C·patch², H/patch, W/patch)."""
+        if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of patch={self.patch}")
+        return F.pixel_unshuffle(x, self.patch)
+
+    def decode(self, z: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
+        """Inverse of `encode`."""
+        return F.pixel_shuffle(z, self.patch)
+
+    def encode_video(self, x: torch.Tensor, chunk_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, T, C, H, W) -> (B, T, C·patch², H/patch, W/patch)."""
+        b = x.shape[0]
+        return rearrange(self.encode(rearrange(x, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=b)
+
+    def decode_video(self, z: torch.Tensor, chunk_size: int, overlap: int = 3) -> torch.Tensor:
+        """Inverse of `encode_video` (exact, so chunking and overlap do not apply)."""
+        b = z.shape[0]
+        return rearrange(self.decode(rearrange(z, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=b)

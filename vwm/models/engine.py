@@ -29,6 +29,12 @@ ADAPTER_TAG = "adapter"
 """Parameters whose name contains this are the phase-2 adapters (LoRA and action control)."""
 
 
+def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """dtype of a module's first parameter (`default` for parameter-free modules)."""
+    param = next(module.parameters(), None)
+    return default if param is None else param.dtype
+
+
 def step_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed mixing the run seed with integer keys (rank, step, ...) through numpy's SeedSequence."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, *[k & 0xFFFFFFFF for k in keys]]).generate_state(2)
@@ -171,15 +177,17 @@ class DiffusionEngine(pl.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames)."""
-        x = x.to(next(self.first_stage_model.parameters()).dtype)
+        x = x.to(_module_dtype(self.first_stage_model, x.dtype))
         z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
         return z * self.scale_factor
 
     @torch.no_grad()
-    def decode_first_stage(self, z: torch.Tensor, overlap: int = 3) -> torch.Tensor:
-        """Scaled latents (B,T,C,h,w) -> pixels (B,T,3,H,W), chunked with `overlap` frames averaged."""
-        z = (z / self.scale_factor).to(next(self.first_stage_model.parameters()).dtype)
-        return self.first_stage_model.decode_video(z, self._first_stage_chunk(z.shape[1]), overlap=overlap)
+    def decode_first_stage(self, z: torch.Tensor, overlap: int = 3, chunk_size: int | None = None) -> torch.Tensor:
+        """Scaled latents (B,T,C,h,w) -> pixels (B,T,3,H,W), in windows of `chunk_size` frames (default: the
+        config's en_and_decode_n_samples_a_time) whose `overlap` shared frames are averaged."""
+        z = (z / self.scale_factor).to(_module_dtype(self.first_stage_model, z.dtype))
+        chunk = chunk_size or self._first_stage_chunk(z.shape[1])
+        return self.first_stage_model.decode_video(z, chunk, overlap=overlap)
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -189,10 +197,24 @@ class DiffusionEngine(pl.LightningModule):
         gen.manual_seed(step_seed(self.seed, self.global_rank, *keys))
         return gen
 
+    @torch.no_grad()
+    def sample_posterior(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Cached VAE moments (B,T,2C,h,w) -> scaled latents (B,T,C,h,w): the first stage's own posterior
+        draw, so the same generator state gives the latents `encode_first_stage` draws from the pixels."""
+        if moments.ndim != 5 or moments.shape[1] != self.num_frames:
+            raise ValueError(f"batch['latent_moments'] has shape {tuple(moments.shape)}; expected (B, "
+                             f"num_frames={self.num_frames}, 2C, h, w)")
+        moments = moments.to(_module_dtype(self.first_stage_model, torch.float32))
+        z = self.first_stage_model.regularization(moments.flatten(0, 1), generator=generator)
+        return z.unflatten(0, moments.shape[:2]) * self.scale_factor
+
     def latents_of(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        """Training latents: the precomputed `latents` of a cached batch, else the VAE encoding of `input_key`."""
+        """Training latents: the precomputed `latents` of a cached batch, a posterior sample of its cached
+        `latent_moments` (vwm.data.latents), else the VAE encoding of `input_key`."""
         if "latents" in batch:
             return batch["latents"]
+        if "latent_moments" in batch:
+            return self.sample_posterior(batch["latent_moments"], generator)
         x = batch[self.input_key]
         if x.ndim != 5:
             raise ValueError(f"batch[{self.input_key!r}] must be (B,T,3,H,W), got shape {tuple(x.shape)}")
@@ -215,7 +237,7 @@ class DiffusionEngine(pl.LightningModule):
         out = self.compute_loss(batch, self.make_generator(self.global_step, batch_idx))
         bad = ~torch.isfinite(out.loss.detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        bsz = batch[self.input_key].shape[0] if self.input_key in batch else batch["latents"].shape[0]
+        bsz = next(batch[k] for k in (self.input_key, "latents", "latent_moments") if k in batch).shape[0]
         self.log("loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bsz)
         if out.hf is not None:
             self.log("loss_hf", out.hf.mean(), on_step=True, on_epoch=False, batch_size=bsz)
@@ -296,8 +318,7 @@ class DiffusionEngine(pl.LightningModule):
         """Samples (EMA weights when kept), inputs and VAE reconstructions of the first n clips, in [-1, 1]."""
         batch = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in batch.items()}
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        x = batch[self.input_key]
-        z = batch["latents"] if "latents" in batch else self.encode_first_stage(x, generator=gen)
+        z = self.latents_of(batch, gen)
         c, uc = self.get_conditioning(batch)
         indices = (self.fixed_cond_frames or [[0]])[0] if self.replace_cond_frames else []
         mask = self.cond_mask_for(z.shape[0], z.shape[1], indices)
@@ -306,5 +327,5 @@ class DiffusionEngine(pl.LightningModule):
             samples = self.sample(c, uc, z.shape, cond_frame=z, cond_mask=mask, generator=gen)
         out = {"samples": self.decode_first_stage(samples), "reconstructions": self.decode_first_stage(z)}
         if self.input_key in batch:
-            out["inputs"] = x
+            out["inputs"] = batch[self.input_key]
         return out

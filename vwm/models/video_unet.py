@@ -28,14 +28,11 @@ class VideoLayer:
     use_checkpoint: bool = False
 
     def run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Apply the layer, under activation checkpointing when enabled and gradients are needed."""
+        """Apply the layer's `video_forward(x ((b t),c,h,w), emb ((b t),e), context (b,m,d), num_frames)`, under
+        activation checkpointing when enabled and gradients are needed."""
         if self.use_checkpoint and torch.is_grad_enabled():
             return checkpoint(self.video_forward, x, emb, context, num_frames, use_reentrant=False)
         return self.video_forward(x, emb, context, num_frames)
-
-    def video_forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x ((b t), c, h, w), emb ((b t), e), context (b, m, d) -> ((b t), c', h, w)."""
-        raise NotImplementedError  # every subclass defines it
 
 
 class ResBlock(nn.Module):
@@ -107,9 +104,10 @@ class VideoResBlock(ResBlock, VideoLayer):
 
     def video_forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         x = ResBlock.forward(self, x, emb)
-        x = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
+        # Explicit copies at layout changes keep every kernel on dense NCHW / row-major inputs.
+        x = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames).contiguous()
         x_t = self.time_stack(x, rearrange(emb, "(b t) c -> b t c", t=num_frames))
-        return rearrange(self.time_mixer(x, x_t), "b c t h w -> (b t) c h w")
+        return rearrange(self.time_mixer(x, x_t), "b c t h w -> (b t) c h w").contiguous()
 
 
 class Downsample(nn.Module):
@@ -186,7 +184,7 @@ class SpatialVideoTransformer(nn.Module, VideoLayer):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = rearrange(x, "n c h w -> n (h w) c")
+        x = rearrange(x, "n c h w -> n (h w) c").contiguous()
         if self.use_linear:
             x = self.proj_in(x)
         frames = torch.arange(num_frames, device=x.device)
@@ -202,7 +200,7 @@ class SpatialVideoTransformer(nn.Module, VideoLayer):
             x = self.time_mixer(x, x_mix)
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "n (h w) c -> n c h w", h=h, w=w)
+        x = rearrange(x, "n (h w) c -> n c h w", h=h, w=w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

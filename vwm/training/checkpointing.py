@@ -179,6 +179,7 @@ class CheckpointEvery(pl.Callback):
             os.makedirs(partial if not deepspeed else self.dirpath, exist_ok=True)
         trainer.strategy.barrier("vwm_checkpoint_prepare")
         target = partial if deepspeed else os.path.join(partial, "lightning.ckpt")
+        # Lightning's weights_only=False here means "write the full training state" (nothing is unpickled).
         trainer.save_checkpoint(target, weights_only=False)  # ends with a barrier: every rank's files are written
         if trainer.is_global_zero:
             write_manifest(partial, {

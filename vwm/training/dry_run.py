@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from vwm.config import build_model, to_container
-from vwm.training.flops import GIB, activation_bytes, estimate_memory, unet_forward_flops
+from vwm.training.flops import GIB, activation_bytes, estimate_memory, latent_downsample, unet_forward_flops
 
 
 def parameter_table(model) -> tuple[list[str], int, int, int]:
@@ -43,9 +43,10 @@ def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
     zero = int(strategy.rsplit("_", 1)[-1]) if strategy.startswith("deepspeed") and strategy[-1].isdigit() else 0
     network = to_container(cfg.model.params.network_config)
-    acts = activation_bytes(network, frames, height, width, batch=batch)
+    down = latent_downsample(to_container(cfg.model))
+    acts = activation_bytes(network, frames, height, width, batch=batch, downsample=down)
     mem = estimate_memory(trainable, frozen, ema, world, acts, precision=precision, zero_stage=zero)
-    fwd = unet_forward_flops(network, frames, height, width, batch=1)
+    fwd = unet_forward_flops(network, frames, height, width, batch=1, downsample=down)
     out = [
         "# resolved config",
         OmegaConf.to_yaml(cfg, resolve=True).rstrip(),

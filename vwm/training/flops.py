@@ -49,6 +49,16 @@ def context_width(network_node: Mapping) -> int:
     return int(params["context_dim"]) + (ACTION_CONTEXT_DIM if params.get("action_control") else 0)
 
 
+def latent_downsample(model_node: Mapping) -> int:
+    """Pixels per latent side of the model's first stage (8 for the SD/SVD VAE, `patch` for PixelShuffle)."""
+    stage = (model_node.get("params") or {}).get("first_stage_config") or {}
+    params = stage.get("params") or {}
+    if "patch" in params or str(stage.get("target", "")).endswith("PixelShuffleAutoencoder"):
+        return int(params.get("patch", 4))
+    encoder = (params.get("encoder_config") or {}).get("params") or {}
+    return 2 ** (len(encoder.get("ch_mult", [1, 2, 4, 4])) - 1)
+
+
 def unet_forward_flops(network_node: Mapping, frames: int, height: int, width: int, batch: int = 1,
                        downsample: int = 8) -> float:
     """FLOPs of one UNet forward pass for `batch` clips of `frames` x `height` x `width` pixels."""
@@ -86,14 +96,16 @@ class MemoryEstimate:
 
 
 def activation_bytes(network_node: Mapping, frames: int, height: int, width: int, batch: int = 1,
-                     dtype: torch.dtype = torch.bfloat16, checkpointing: bool | None = None) -> int:
+                     dtype: torch.dtype = torch.bfloat16, checkpointing: bool | None = None,
+                     downsample: int = 8) -> int:
     """Bytes of tensors the UNet saves for backward on one step (meta-device forward with saved-tensor hooks)."""
     node = {**network_node, "params": dict(network_node["params"])}
     if checkpointing is not None:
         node["params"]["use_checkpoint"] = checkpointing
     with torch.device("meta"):
         unet = instantiate(node).to(dtype)
-    x, c_noise, context, y, mask = _meta_inputs(unet, batch, frames, (height // 8, width // 8), context_width(node))
+    x, c_noise, context, y, mask = _meta_inputs(unet, batch, frames, (height // downsample, width // downsample),
+                                                context_width(node))
     x, context = x.to(dtype).requires_grad_(), context.to(dtype)
     total = 0
     seen: set[int] = set()

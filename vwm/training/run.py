@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 EXIT_SIGNAL_BASE = 128
 """A run stopped by signal N exits with 128 + N (143 for SIGTERM), like a shell."""
 
-TRAINER_KEYS_OWNED_BY_VWM = ("strategy", "devices", "num_nodes", "precision", "max_steps", "accelerator",
+TRAINER_KEYS_OWNED_BY_VWM = ("strategy", "devices", "num_nodes", "precision", "accelerator",
                              "enable_checkpointing", "default_root_dir", "logger", "callbacks")
+"""Trainer arguments that come from flags or vwm itself, not from `lightning.trainer` (max_steps comes from the
+config unless --max_steps is given)."""
 
 
 @dataclass
@@ -186,19 +188,20 @@ def checkpoint_settings(cfg: DictConfig) -> tuple[int, int]:
 def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], world: int,
                     info: dict[str, Any]) -> tuple[list, CheckpointEvery]:
     """Checkpointing, metrics file, throughput/MFU, LR monitor, progress bar and the configured callbacks."""
-    from vwm.training.flops import unet_forward_flops
+    from vwm.training.flops import latent_downsample, unet_forward_flops
 
     every, keep = checkpoint_settings(cfg)
     ckpt = CheckpointEvery(os.path.join(run_dir, "checkpoints"), every_n_steps=every, keep_last=keep, info=info)
     frames = int(cfg.model.params.get("num_frames", 25))
     height, width = int(data_params.get("target_height", 320)), int(data_params.get("target_width", 576))
     network = to_container(cfg.model.params.network_config)
-    fwd = unet_forward_flops(network, frames, height, width)
+    down = latent_downsample(to_container(cfg.model))
+    fwd = unet_forward_flops(network, frames, height, width, downsample=down)
     batch = int(data_params.get("batch_size", 1))
     callbacks: list = [
         ckpt,
         MetricsFile(os.path.join(run_dir, "metrics.jsonl")),
-        ThroughputMonitor(batch * world, frames * (height // 8) * (width // 8), 3 * fwd),
+        ThroughputMonitor(batch * world, frames * (height // down) * (width // down), 3 * fwd),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=1),
     ]
@@ -270,9 +273,11 @@ def train(opts: TrainOptions) -> int:
     if resume:
         _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]))
     write_run_files(run_dir, cfg)
+    config_steps = trainer_cfg.pop("max_steps", -1)
+    max_steps = opts.max_steps if opts.max_steps is not None else config_steps
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=opts.num_nodes, strategy=strategy, precision=precision,
-        max_steps=opts.max_steps if opts.max_steps is not None else trainer_cfg.pop("max_steps", -1),
+        max_steps=max_steps,
         default_root_dir=run_dir, enable_checkpointing=False, callbacks=callbacks,
         logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), **trainer_cfg,
     )
