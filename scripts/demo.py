@@ -30,6 +30,7 @@ FRAMES = 8
 SPEED_MS = 8.0
 STEER_DEG = 120.0
 TOY_SEED = 1  # sample.py's TOY clips: held out from the training seed 0
+GPU_STEPS = 3000  # ~6 minutes on one H100/H200; the CPU budget allows the config's 400
 
 
 def run(cmd: list[str]) -> None:
@@ -64,8 +65,9 @@ def read_frames(folder: str):
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).transpose(0, 3, 1, 2)
 
 
-def plot_loss(metrics: str, path: str) -> tuple[float, float]:
-    """Loss curve PNG (raw and smoothed); returns (mean loss of the first and of the last 10 % of steps)."""
+def plot_loss(metrics: str, path: str) -> tuple[float, float, int]:
+    """Loss curve PNG (raw and smoothed); returns the mean loss of the first and of the last 10 % of steps and
+    the number of steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,13 +91,15 @@ def plot_loss(metrics: str, path: str) -> tuple[float, float]:
     fig.tight_layout()
     fig.savefig(path)
     n = max(1, len(loss) // 10)
-    return float(loss[:n].mean()), float(loss[-n:].mean())
+    return float(loss[:n].mean()), float(loss[-n:].mean()), len(loss)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "demo"))
-    p.add_argument("--max_steps", type=int, default=None, help="default: the demo config's (400)")
+    p.add_argument("--config", default=CONFIG, help="the model/training config (default: the demo's)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help=f"default: the config's (400) on CPU, {GPU_STEPS} on a GPU")
     p.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3], help="TOY start clips")
     args = p.parse_args()
     out = os.path.abspath(args.out)
@@ -103,69 +107,75 @@ def main() -> int:
     py = sys.executable
     t0 = time.time()
 
-    train = [py, os.path.join(REPO, "train.py"), "--base", CONFIG, "--logdir", os.path.join(out, "logs"),
+    train = [py, os.path.join(REPO, "train.py"), "--base", args.config, "--logdir", os.path.join(out, "logs"),
              "--name", "toyworld", "--resume", "auto"]
-    if args.max_steps is not None:
-        train += ["--max_steps", str(args.max_steps)]
+    import torch
+
+    steps = args.max_steps if args.max_steps is not None else (GPU_STEPS if torch.cuda.is_available() else None)
+    if steps is not None:
+        train += ["--max_steps", str(steps)]
     run(train)
     run_dir = os.path.join(out, "logs", "toyworld")
     steps = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step-*")))
     export = os.path.join(out, "toyworld.safetensors")
     run([py, os.path.join(REPO, "bin_to_st.py"), steps[-1], export])
 
-    from vwm.data.toyworld import lateral_motion
+    import numpy as np
+
+    from vwm.data.toyworld import lateral_motion, render_rollout
     from vwm.media import side_by_side, write_mp4
 
     motions: dict[str, dict[int, dict[str, float]]] = {}
     for name, direction in (("steer_left", 1.0), ("steer_right", -1.0)):
         motions[name] = {}
-        for index in args.indices:
-            plan = os.path.join(out, f"{name}_{index}.json")
-            with open(plan, "w") as f:
-                json.dump(steering_actions(direction, index), f)
-            run([py, os.path.join(REPO, "sample.py"), "--ckpt", export, "--dataset", "TOY", "--toy_seed",
-                 str(TOY_SEED), "--index", str(index), "--height", str(HEIGHT), "--width", str(WIDTH),
-                 "--n_frames", str(FRAMES), "--n_steps", "25", "--cfg_scale", "2.0", "--actions_json", plan,
-                 "--png", "--save", os.path.join(out, name), "--seed", "0"])
-    import numpy as np
-
+        # Open-loop driving from each start pose: the actions (ego frame) are the same for every start frame.
+        plan = os.path.join(out, f"{name}.json")
+        with open(plan, "w") as f:
+            json.dump(steering_actions(direction, args.indices[0]), f)
+        run([py, os.path.join(REPO, "sample.py"), "--ckpt", export, "--dataset", "TOY", "--toy_seed",
+             str(TOY_SEED), "--index", *map(str, args.indices), "--height", str(HEIGHT), "--width", str(WIDTH),
+             "--n_frames", str(FRAMES), "--n_steps", "25", "--cfg_scale", "2.0", "--actions_json", plan,
+             "--png", "--save", os.path.join(out, name), "--seed", "0"])
     pairs = []
     for index in args.indices:
         videos = {}
-        for name in motions:
-            folder = sorted(glob.glob(os.path.join(out, name, f"*{index:06d}*")) or
-                            glob.glob(os.path.join(out, name, f"*_{index}")))[-1]
-            frames = read_frames(folder)
+        for name, direction in (("steer_left", 1.0), ("steer_right", -1.0)):
+            frames = read_frames(os.path.join(out, name, f"toy_{index:06d}"))
             videos[name] = frames.transpose(0, 2, 3, 1)
-            from vwm.data.toyworld import render_rollout
-
-            direction = 1.0 if name == "steer_left" else -1.0
             truth = render_rollout([SPEED_MS] * FRAMES, [direction * STEER_DEG] * FRAMES, seed=TOY_SEED,
                                    height=HEIGHT, width=WIDTH, start_index=index, num_frames=FRAMES).frames
             motions[name][index] = {"generated": lateral_motion(frames), "ground_truth": lateral_motion(truth)}
         pairs.append(side_by_side(videos["steer_left"], videos["steer_right"], gap=2))
     write_mp4(np.concatenate(pairs, axis=1), os.path.join(out, "steer_left_vs_right.mp4"), fps=4)
 
-    first, last = plot_loss(os.path.join(run_dir, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    first, last, n_steps = plot_loss(metrics, os.path.join(out, "loss.png"))
     left = [m["generated"] for m in motions["steer_left"].values()]
     right = [m["generated"] for m in motions["steer_right"].values()]
     agree = sum(lv > rv for lv, rv in zip(left, right))
+    follows = agree == len(left) and float(np.mean(left)) > 0 > float(np.mean(right))
     summary = {
-        "loss_first_10pct": first, "loss_last_10pct": last, "steps": len(open(os.path.join(run_dir, "metrics.jsonl")).readlines()),
+        "steps": n_steps, "loss_first_10pct": first, "loss_last_10pct": last,
         "lateral_motion": motions,
         "measure": "vwm.data.toyworld.lateral_motion: mean horizontal scene shift per frame in image widths, "
                    "positive = scene moves right = camera turns left",
         "mean_generated_left": float(np.mean(left)), "mean_generated_right": float(np.mean(right)),
-        "start_frames_where_left_moves_more_left_than_right": f"{agree}/{len(left)}",
+        "start_frames_where_left_turns_more_left_than_right": f"{agree}/{len(left)}",
+        "follows_steering": follows,
         "seconds": round(time.time() - t0, 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nloss: {first:.3f} (first 10% of steps) -> {last:.3f} (last 10%)")
+    print(f"\nloss over {n_steps} steps: {first:.3f} (first 10%) -> {last:.3f} (last 10%)")
     print(f"lateral motion of generated rollouts (image widths/frame, + = turning left): "
-          f"steer left {np.mean(left):+.4f}, steer right {np.mean(right):+.4f}; "
+          f"steer left {np.mean(left):+.4f}, steer right {np.mean(right):+.4f} "
+          f"(ground truth {np.mean([m['ground_truth'] for m in motions['steer_left'].values()]):+.4f} / "
+          f"{np.mean([m['ground_truth'] for m in motions['steer_right'].values()]):+.4f}); "
           f"left > right on {agree}/{len(left)} start frames")
-    print(f"outputs in {out}: loss.png, steer_left_vs_right.mp4, steer_left/, steer_right/, summary.json")
+    print("the rollouts follow the steering" if follows else
+          "the rollouts do not follow the steering yet: more training steps are needed (see README)")
+    print(f"outputs in {out}: loss.png, steer_left_vs_right.mp4, steer_left/, steer_right/, summary.json "
+          f"({time.time() - t0:.0f} s)")
     return 0
 
 

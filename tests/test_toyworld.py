@@ -230,3 +230,21 @@ def test_speed_unit_kmh_scales_speed_only():
     kmh = ToyWorldSubset(8, 64, 64).annotation(1)  # km/h is the default, as nuScenes' CAN speed
     assert kmh["speed"] == pytest.approx([3.6 * s for s in mps["speed"]], abs=1e-3)
     assert {k: v for k, v in kmh.items() if k != "speed"} == {k: v for k, v in mps.items() if k != "speed"}
+
+
+def test_explore_policy_steering_maps_to_view_motion_and_is_deterministic():
+    subset = ToyWorldSubset(8, 64, 64, policy="explore")
+    a, b = subset.load_clip(3), subset.load_clip(3)
+    assert torch.equal(a.frames, b.frames) and a.actions.keys() == b.actions.keys()
+    agree = total = 0
+    for index in range(40):
+        _, steer = subset.explore_actions(index)
+        if abs(steer.mean()) < 100:
+            continue
+        clip = subset.load_clip(index)
+        assert clip.actions["angle"].mean().item() * steer.mean() > 0  # the annotation follows the steering
+        agree += (lateral_motion(clip.frames) > 0) == (steer.mean() > 0)
+        total += 1
+    assert total >= 10 and agree / total >= 0.8
+    with pytest.raises(ValueError, match="policy='wander'"):
+        ToyWorldSubset(8, 64, 64, policy="wander")

@@ -36,6 +36,8 @@ MAX_WHEEL_RAD = 0.6
 CAMERA = Camera()
 """The ego camera (nuScenes CAM_FRONT focal length, 1.5 m high, 1.7 m ahead of the rear axle)."""
 
+Policy = Literal["driver", "explore"]
+"""How the ego drives: a lane-keeping driver with manoeuvres, or exploration with road-independent steering."""
 SpeedUnit = Literal["m/s", "km/h"]
 _SPEED_SCALE: dict[str, float] = {"m/s": 1.0, "km/h": 3.6}
 _MANEUVERS: dict[str, float] = {
@@ -289,7 +291,8 @@ class ToyWorldSubset:
 
     def __init__(self, num_frames: int, target_height: int, target_width: int, *, length: int = 10_000,
                  seed: int = 0, fps: float = 10.0, num_lanes: int = 3, lane_width: float = 3.5,
-                 max_vehicles: int = 3, texture: float = 1.0, speed_unit: SpeedUnit = "km/h"):
+                 max_vehicles: int = 3, texture: float = 1.0, speed_unit: SpeedUnit = "km/h",
+                 policy: Policy = "driver", explore_steering_deg: float = 300.0):
         key_frame_indices(num_frames)
         checks = (
             ("target_height", target_height, target_height >= 8, "an int >= 8"),
@@ -302,12 +305,16 @@ class ToyWorldSubset:
             ("max_vehicles", max_vehicles, max_vehicles >= 0, "an int >= 0"),
             ("texture", texture, 0 <= texture <= 2, "a float in [0, 2]"),
             ("speed_unit", speed_unit, speed_unit in _SPEED_SCALE, f"one of {list(_SPEED_SCALE)}"),
+            ("policy", policy, policy in ("driver", "explore"), "'driver' or 'explore'"),
+            ("explore_steering_deg", explore_steering_deg, 0 < explore_steering_deg <= STEERING_WHEEL_RANGE_DEG,
+             f"a float in (0, {STEERING_WHEEL_RANGE_DEG}]"),
         )
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"ToyWorldSubset: {name}={value!r} is invalid; expected {allowed}")
         self.num_frames, self.target_height, self.target_width = num_frames, target_height, target_width
         self.length, self.seed, self.fps, self.speed_unit = length, seed, fps, speed_unit
+        self.policy, self.explore_steering_deg = policy, explore_steering_deg
         self._world_args = (num_lanes, lane_width, max_vehicles, texture)
 
     def __len__(self) -> int:
@@ -331,8 +338,20 @@ class ToyWorldSubset:
         return _annotation(world.poses, world.speeds, world.wheel, self._frame_paths(index, self.num_frames),
                            self.speed_unit)
 
+    def explore_actions(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Speeds (m/s) and steering-wheel degrees per frame of clip `index` under the "explore" policy: a speed in
+        [4, 12] m/s and a steering angle drawn uniformly in +-explore_steering_deg, held or ramped over the clip,
+        independent of the road, so that steering maps directly to how the view moves."""
+        rng = np.random.default_rng([self.seed, index, 0xE4])
+        speed = np.full(self.num_frames, rng.uniform(4.0, 12.0))
+        start, end = rng.uniform(-1.0, 1.0, size=2) * self.explore_steering_deg
+        steer = start + (end - start) * np.linspace(0.0, 1.0, self.num_frames) * (rng.random() < 0.5)
+        return speed, steer
+
     def load_clip(self, index: int) -> Clip:
         """Frames uint8 (T, 3, H, W) of clip `index` and its five actions, normalised as nuScenes'."""
+        if self.policy == "explore":
+            return self.rollout(index, *self.explore_actions(index))
         world = self._world(index)
         times = np.arange(self.num_frames) / self.fps
         frames = render(world.scene, world.poses, times, CAMERA, self.target_height, self.target_width)

@@ -182,6 +182,10 @@ class ConcatTimestepEmbedderND(Embedder):
     """Sinusoidal embedding of each scalar feature, concatenated feature-major: (B,) | (B, F) -> (B, F·D).
 
     D = outdim. With `add_sequence_dim` the output is (B, 1, F·D) and lands in `crossattn` (the actions).
+    `input_scale` multiplies the features before the embedding (1 in SVD / Vista). The embedding's frequencies
+    span 1 to 1e-4 per unit, made for timesteps; actions such as a lateral offset of ±0.5 m or a normalised
+    steering angle of ±0.15 then differ in only a few channels, which a large model learns over 100k steps. A
+    scale of ~100 spreads them over most channels, which is what a small model trained for minutes needs.
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class ConcatTimestepEmbedderND(Embedder):
         outdim: int,
         num_features: int | None = None,
         add_sequence_dim: bool = False,
+        input_scale: float = 1.0,
         *,
         input_key: str | None = None,
         ucg_rate: float = 0.0,
@@ -198,6 +203,7 @@ class ConcatTimestepEmbedderND(Embedder):
         self.outdim = outdim
         self.num_features = num_features
         self.add_sequence_dim = add_sequence_dim
+        self.input_scale = float(input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) or (B, F) -> (B, F·outdim) = [emb(x[:, 0]) | emb(x[:, 1]) | ...], or (B, 1, F·outdim)."""
@@ -208,7 +214,7 @@ class ConcatTimestepEmbedderND(Embedder):
                 f"{self.input_key or 'input'} has shape {tuple(x.shape)}; expected (B,) or "
                 f"(B, {self.num_features if self.num_features is not None else 'F'})"
             )
-        emb = timestep_embedding(rearrange(x, "b f -> (b f)"), self.outdim)
+        emb = timestep_embedding(rearrange(x, "b f -> (b f)") * self.input_scale, self.outdim)
         emb = rearrange(emb, "(b f) d -> b (f d)", b=x.shape[0])
         return emb[:, None] if self.add_sequence_dim else emb
 
