@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ FRAMES = 8
 SPEED_MS = 8.0
 STEER_DEG = 120.0
 TOY_SEED = 1  # sample.py's TOY clips: held out from the training seed 0
-GPU_STEPS = 3000  # ~6 minutes on one H100/H200; the CPU budget allows the config's 400
+GPU_STEPS = 3000  # a few minutes on one H100/H200; the CPU budget allows the config's 1000
 
 
 def run(cmd: list[str]) -> None:
@@ -39,21 +40,6 @@ def run(cmd: list[str]) -> None:
     result = subprocess.run(cmd, cwd=REPO)
     if result.returncode != 0:
         sys.exit(f"demo: step failed with exit code {result.returncode}: {' '.join(cmd)}")
-
-
-def steering_actions(direction: float, index: int) -> dict:
-    """The five actions of the ground-truth toy-world rollout at constant speed and steering (annotation units)."""
-    from vwm.actions import GOAL_IMAGE_SIZE, STEERING_WHEEL_RANGE_DEG
-    from vwm.data.toyworld import render_rollout
-
-    clip = render_rollout([SPEED_MS] * FRAMES, [direction * STEER_DEG] * FRAMES, seed=TOY_SEED, height=HEIGHT,
-                          width=WIDTH, start_index=index, num_frames=FRAMES)
-    a = {k: v.tolist() for k, v in clip.actions.items()}
-    out = {"command": int(a["command"][0]), "trajectory": a["trajectory"], "speed": a["speed"],
-           "angle": [x * STEERING_WHEEL_RANGE_DEG for x in a["angle"]]}
-    if "goal" in a:
-        out["goal"] = [a["goal"][0] * GOAL_IMAGE_SIZE[0], a["goal"][1] * GOAL_IMAGE_SIZE[1]]
-    return out
 
 
 def read_frames(folder: str):
@@ -99,8 +85,8 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "demo"))
     p.add_argument("--config", default=CONFIG, help="the model/training config (default: the demo's)")
     p.add_argument("--max_steps", type=int, default=None,
-                   help=f"default: the config's (400) on CPU, {GPU_STEPS} on a GPU")
-    p.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3], help="TOY start clips")
+                   help=f"default: the config's (1000) on CPU, {GPU_STEPS} on a GPU")
+    p.add_argument("--indices", type=int, nargs="+", default=list(range(8)), help="TOY start clips")
     args = p.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -122,7 +108,7 @@ def main() -> int:
 
     import numpy as np
 
-    from vwm.data.toyworld import lateral_motion, render_rollout
+    from vwm.data.toyworld import lateral_motion, render_rollout, steering_plan
     from vwm.media import side_by_side, write_mp4
 
     motions: dict[str, dict[int, dict[str, float]]] = {}
@@ -131,7 +117,8 @@ def main() -> int:
         # Open-loop driving from each start pose: the actions (ego frame) are the same for every start frame.
         plan = os.path.join(out, f"{name}.json")
         with open(plan, "w") as f:
-            json.dump(steering_actions(direction, args.indices[0]), f)
+            json.dump(steering_plan(SPEED_MS, direction * STEER_DEG, seed=TOY_SEED, height=HEIGHT, width=WIDTH,
+                                    num_frames=FRAMES, start_index=args.indices[0]), f)
         run([py, os.path.join(REPO, "sample.py"), "--ckpt", export, "--dataset", "TOY", "--toy_seed",
              str(TOY_SEED), "--index", *map(str, args.indices), "--height", str(HEIGHT), "--width", str(WIDTH),
              "--n_frames", str(FRAMES), "--n_steps", "25", "--cfg_scale", "2.0", "--actions_json", plan,
@@ -153,7 +140,9 @@ def main() -> int:
     left = [m["generated"] for m in motions["steer_left"].values()]
     right = [m["generated"] for m in motions["steer_right"].values()]
     agree = sum(lv > rv for lv, rv in zip(left, right))
-    follows = agree == len(left) and float(np.mean(left)) > 0 > float(np.mean(right))
+    # one-sided sign test: the chance of at least `agree` of n pairs turning the right way if steering had no effect
+    p_value = sum(math.comb(len(left), k) for k in range(agree, len(left) + 1)) / 2 ** len(left)
+    follows = p_value < 0.05 and float(np.mean(left)) > float(np.mean(right))
     summary = {
         "steps": n_steps, "loss_first_10pct": first, "loss_last_10pct": last,
         "lateral_motion": motions,
@@ -161,6 +150,7 @@ def main() -> int:
                    "positive = scene moves right = camera turns left",
         "mean_generated_left": float(np.mean(left)), "mean_generated_right": float(np.mean(right)),
         "start_frames_where_left_turns_more_left_than_right": f"{agree}/{len(left)}",
+        "sign_test_p_value": p_value,
         "follows_steering": follows,
         "seconds": round(time.time() - t0, 1),
     }
@@ -171,9 +161,9 @@ def main() -> int:
           f"steer left {np.mean(left):+.4f}, steer right {np.mean(right):+.4f} "
           f"(ground truth {np.mean([m['ground_truth'] for m in motions['steer_left'].values()]):+.4f} / "
           f"{np.mean([m['ground_truth'] for m in motions['steer_right'].values()]):+.4f}); "
-          f"left > right on {agree}/{len(left)} start frames")
-    print("the rollouts follow the steering" if follows else
-          "the rollouts do not follow the steering yet: more training steps are needed (see README)")
+          f"left > right on {agree}/{len(left)} start frames (sign test p = {p_value:.3f})")
+    print("the rollouts follow the steering (better than chance, p < 0.05)" if follows else
+          "the rollouts do not follow the steering better than chance: more training steps are needed (README)")
     print(f"outputs in {out}: loss.png, steer_left_vs_right.mp4, steer_left/, steer_right/, summary.json "
           f"({time.time() - t0:.0f} s)")
     return 0

@@ -225,6 +225,21 @@ def test_config_errors_name_the_dotted_key(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_overrides_index_lists_and_parse_values():
+    demo = os.path.join(REPO, "configs", "demo", "toyworld.yaml")
+    emb = "model.params.conditioner_config.params.emb_models"
+    cfg = load_config(demo, [f"{emb}.5.ucg_rate=0.25", "data.params.batch_size=3",
+                             "model.params.network_config.params.attention_resolutions=[1, 2]",
+                             "lightning.trainer.max_steps=null"])
+    assert cfg.model.params.conditioner_config.params.emb_models[5].ucg_rate == 0.25
+    assert cfg.model.params.conditioner_config.params.emb_models[6].ucg_rate == 0.1  # others untouched
+    assert cfg.data.params.batch_size == 3 and cfg.lightning.trainer.max_steps is None
+    assert list(cfg.model.params.network_config.params.attention_resolutions) == [1, 2]
+    for bad in ("data.params.batch_size", "=3", "a..b=1", f"{emb}.99.ucg_rate=0.1"):
+        with pytest.raises(ValueError, match="override"):
+            load_config(demo, [bad])
+
+
 def test_reference_only_params_are_accepted_and_derived_ones_dropped():
     cfg = load_config(os.path.join(REFERENCE_CONFIGS, "inference__vista.yaml"))
     assert cfg.model.target == "vwm.models.engine.DiffusionEngine"

@@ -25,6 +25,7 @@ from vwm.data.toyworld import (
     lateral_motion,
     main,
     render_rollout,
+    steering_plan,
 )
 
 
@@ -248,3 +249,17 @@ def test_explore_policy_steering_maps_to_view_motion_and_is_deterministic():
     assert total >= 10 and agree / total >= 0.8
     with pytest.raises(ValueError, match="policy='wander'"):
         ToyWorldSubset(8, 64, 64, policy="wander")
+
+
+def test_steering_plan_is_a_valid_action_json_with_the_commanded_direction():
+    from vwm.rollout import normalise_actions
+
+    left = steering_plan(8.0, 120.0, seed=1, height=64, width=64, num_frames=8, start_index=2)
+    right = steering_plan(8.0, -120.0, seed=1, height=64, width=64, num_frames=8, start_index=2)
+    assert left["angle"] == pytest.approx([120.0] * 4) and right["angle"] == pytest.approx([-120.0] * 4)
+    assert left["command"] in (1, 3) and right["command"] in (0, 3)  # left or straight; right or straight
+    assert left["trajectory"][-1] > 0 > right["trajectory"][-1]  # final lateral offset y: positive = left
+    for plan in (left, right):
+        features = normalise_actions(plan)
+        assert set(features) >= {"command", "trajectory", "speed", "angle"}
+        assert features["speed"].tolist() == pytest.approx([8.0 * 3.6] * 4)  # km/h, as the annotations

@@ -116,18 +116,30 @@ def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(*parents, cfg)
 
 
+def apply_override(cfg: DictConfig, item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as in YAML (numbers, lists, null, ...) and
+    integer path parts index lists (`model.params.conditioner_config.params.emb_models.5.ucg_rate=0.2`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    value = OmegaConf.from_dotlist([f"v={text}"])["v"]
+    try:
+        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+    except Exception as exc:  # omegaconf raises several types for a path that does not fit the config
+        raise ConfigError(f"override {item!r} cannot be applied: {exc}") from exc
+
+
 def load_config(paths: str | Path | Iterable[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
     """Merge YAML files left to right (each after the files its `_base_` lists), then `a.b=c` overrides;
     resolve reference class paths and validate every node."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     configs = [_load_yaml(Path(p)) for p in paths]
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.subkey=value")
-    cfg = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.merge(*configs) if configs else OmegaConf.create()
     if not isinstance(cfg, DictConfig):
         raise ConfigError("a config must be a mapping at the top level")
+    for item in overrides:
+        apply_override(cfg, item)
     resolve_aliases(cfg)
     validate(cfg)
     return cfg

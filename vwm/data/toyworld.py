@@ -392,6 +392,20 @@ def render_rollout(speeds: Sequence[float], steering: Sequence[float], *, seed: 
     return subset.rollout(start_index, speeds, steering)
 
 
+def steering_plan(speed: float, steering_deg: float, *, seed: int, height: int, width: int, num_frames: int,
+                  start_index: int = 0, fps: float = 10.0) -> dict:
+    """The five actions, in annotation units (the --actions_json format of sample.py), of driving clip
+    `start_index` at a constant speed (m/s) and steering-wheel angle (degrees, positive = left)."""
+    clip = render_rollout([speed] * num_frames, [steering_deg] * num_frames, seed=seed, height=height,
+                          width=width, start_index=start_index, fps=fps)
+    a = {k: v.tolist() for k, v in clip.actions.items()}
+    plan = {"command": int(a["command"][0]), "trajectory": a["trajectory"], "speed": a["speed"],
+            "angle": [x * STEERING_WHEEL_RANGE_DEG for x in a["angle"]]}
+    if "goal" in a:
+        plan["goal"] = [a["goal"][0] * GOAL_IMAGE_SIZE[0], a["goal"][1] * GOAL_IMAGE_SIZE[1]]
+    return plan
+
+
 def lateral_motion(frames: torch.Tensor | np.ndarray) -> float:
     """Mean horizontal shift of the scene between consecutive frames, in image widths per frame; positive when
     the scene moves right, i.e. the camera turns or moves left.

@@ -1,0 +1,172 @@
+"""Learning probe for small world-model configs (the demo's): trains in-process and reports how much the model
+uses its actions and which way its rollouts turn under "steer left" / "steer right". One JSON line per evaluation.
+
+    python bench/demo_probe.py --config configs/demo/toyworld.yaml --steps 400 [key=value overrides ...]
+
+Every --eval_every steps, on a fixed held-out batch of explore-policy toy clips and fixed noise per sigma: the x0
+error of the non-condition frames with the true actions, with the actions of another clip (shuffled), and with the
+action embeddings zeroed. `action_gain` = shuffled / true - 1: > 0 once the model uses the actions. At the end: the
+demo's measure (vwm.data.toyworld.lateral_motion) of EMA rollouts from held-out start frames under constant
+steering left and right (the demo's settings). The same config trains the same model under train.py; this loop
+only leaves out Lightning, so it runs the sweep variants fast and side by side on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from vwm.actions import ACTION_KEYS  # noqa: E402
+from vwm.config import build_model, instantiate, load_config  # noqa: E402
+from vwm.data.toyworld import ToyWorldSubset, lateral_motion, render_rollout, steering_plan  # noqa: E402
+from vwm.rollout import (Placement, RolloutSettings, action_batch, normalise_actions, rollout,  # noqa: E402
+                         sample_generator)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def eval_batch(cfg, n: int, seed: int) -> dict:
+    """The first batch of n clips of the config's data with its subsets re-seeded (held out from training)."""
+    data = copy.deepcopy(cfg.data)
+    data.params.batch_size = n
+    data.params.num_workers = 0
+    for spec in data.params.subsets:
+        spec.params.seed = seed
+    dm = instantiate(data, seed=seed)
+    dm.setup("fit", rank=0, world_size=1)
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+
+
+@torch.no_grad()
+def action_use(engine, batch: dict, sigmas: list[float]) -> dict:
+    """x0 MSE of the non-condition frames per sigma with true / shuffled / zeroed actions."""
+    engine.eval()
+    gen = torch.Generator(device=engine.device).manual_seed(1234)
+    z = engine.latents_of(batch, gen)
+    shuffled = dict(batch)
+    for k in (*ACTION_KEYS, "action_mask"):
+        if k in batch:
+            shuffled[k] = batch[k].roll(1, dims=0)
+    conditioner = engine.conditioner
+    true, zeroed = conditioner.get_unconditional_conditioning(batch, force_uc_zero_embeddings=list(ACTION_KEYS))
+    shuf, _ = conditioner.get_unconditional_conditioning(shuffled, force_uc_zero_embeddings=[])
+    mask = torch.zeros(z.shape[:2], device=z.device)
+    mask[:, 0] = 1.0
+    out = {}
+    for sigma in sigmas:
+        noise = torch.randn(z.shape, generator=gen, device=z.device)
+        s = torch.full((z.shape[0],), sigma, device=z.device)
+        noised = z + noise * sigma * (1 - mask)[:, :, None, None, None]
+        errs = {}
+        for name, c in (("true", true), ("shuffled", shuf), ("zeroed", zeroed)):
+            pred = engine.denoiser(engine.model, noised, s, c, mask).float()
+            errs[name] = float(((pred - z)[:, 1:] ** 2).mean())
+        errs["action_gain"] = errs["shuffled"] / errs["true"] - 1.0
+        out[f"{sigma:g}"] = {k: round(v, 5) for k, v in errs.items()}
+    engine.train()
+    return out
+
+
+@torch.no_grad()
+def steering_test(engine, cfg, indices: list[int], n_steps: int, cfg_scale: float, speed: float,
+                  steer_deg: float) -> dict:
+    """The demo's measure on EMA rollouts from the held-out TOY start frames of sample.py (seed 1)."""
+    with engine.model_ema.scope(engine.model) if engine.use_ema else contextlib.nullcontext():
+        engine = copy.deepcopy(engine)  # Placement prepares the model for inference in place
+    t = engine.num_frames
+    h, w = cfg.data.params.target_height, cfg.data.params.target_width
+    subset = ToyWorldSubset(t, h, w, length=max(indices) + 1, seed=1)
+    frames = torch.stack([subset.load_clip(i).frames[:1] for i in indices]).float() / 127.5 - 1.0
+    settings = RolloutSettings(n_steps=n_steps, cfg_scale=cfg_scale)
+    placement = Placement(engine, engine.device)
+    result = {}
+    for name, sign in (("left", 1.0), ("right", -1.0)):
+        plan = normalise_actions(steering_plan(speed, sign * steer_deg, seed=1, height=h, width=w,
+                                               num_frames=t, start_index=indices[0]))
+        video = rollout(engine, frames, [action_batch([plan] * len(indices))],
+                        [sample_generator(0, i) for i in indices], settings, placement).video
+        truth = [render_rollout([speed] * t, [sign * steer_deg] * t, seed=1, height=h, width=w,
+                                start_index=i, num_frames=t).frames for i in indices]
+        result[name] = [round(lateral_motion(v), 4) for v in video]
+        result[name + "_truth"] = [round(lateral_motion(f), 4) for f in truth]
+    left, right = result["left"], result["right"]
+    result["left_gt_right"] = f"{sum(a > b for a, b in zip(left, right))}/{len(left)}"
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "demo", "toyworld.yaml"))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    p.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steer_every_eval", action="store_true", help="the rollout test at every evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    cfg = load_config([args.config], args.overrides)
+    engine = build_model(cfg).to(dev)
+    engine.train()
+    engine.learning_rate = float(cfg.model.get("base_learning_rate", 1e-4))  # as train.py without --scale_lr
+    opt = engine.configure_optimizers()
+    sched = None
+    if isinstance(opt, (list, tuple)):
+        (opt,), (sched,) = opt
+        sched = sched["scheduler"]
+    dm = instantiate(cfg.data, seed=args.seed)
+    dm.setup("fit", rank=0, world_size=1)
+    held_out = to_device(eval_batch(cfg, 16, seed=1), dev)
+    clip = float(cfg.get("lightning", {}).get("trainer", {}).get("gradient_clip_val") or 0.0)
+    params = [q for g in opt.param_groups for q in g["params"]]
+    common = {"tag": args.tag, "overrides": args.overrides, "device": str(dev)}
+
+    step, losses, t0 = 0, [], time.perf_counter()
+    while step < args.steps:
+        for batch in dm.train_dataloader():
+            batch = dm.on_after_batch_transfer(to_device(batch, dev), 0)
+            loss = engine.compute_loss(batch, engine.make_generator(step, 0)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if engine.use_ema:
+                engine.model_ema(engine.model)
+            losses.append(float(loss))
+            step += 1
+            if step % args.eval_every == 0 or step == args.steps:
+                window = losses[-args.eval_every:]
+                row = {**common, "step": step, "loss": round(sum(window) / len(window), 5),
+                       "s_per_step": round((time.perf_counter() - t0) / step, 4),
+                       "action_use": action_use(engine, held_out, args.sigmas)}
+                if args.steer_every_eval or step == args.steps:
+                    row["steering"] = steering_test(engine, cfg, args.indices, n_steps=25, cfg_scale=2.0,
+                                                    speed=8.0, steer_deg=120.0)
+                print(json.dumps(row), flush=True)
+            if step == args.steps:
+                break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
