@@ -31,7 +31,7 @@ FRAMES = 8
 SPEED_MS = 8.0
 STEER_DEG = 120.0
 TOY_SEED = 1  # sample.py's TOY clips: held out from the training seed 0
-GPU_STEPS = 3000  # a few minutes on one H100/H200; the CPU budget allows the config's 1000
+GPU_STEPS = 2000  # ~7 minutes on one H200 (0.19 s/step, bound by rendering the toy clips); CPU: the config's 1000
 
 
 def run(cmd: list[str]) -> None:
