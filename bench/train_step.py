@@ -86,9 +86,62 @@ class StepTimer(pl.Callback):
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             table = self._prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+            summary = kernel_summary(self._prof, self.times[-1])
             with open(self.profile_path, "w") as f:
-                f.write(table)
+                f.write(table + "\n" + json.dumps(summary, indent=1) + "\n")
+            print(json.dumps({"profile": summary["categories_ms"], "kernel_ms": summary["kernel_ms"],
+                              "step_ms": summary["step_ms"]}), flush=True)
             self._prof = None
+
+
+KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of CUDA kernel names
+    ("compiled", ("triton_",)),  # Inductor's fused kernels (compile_model)
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("groupnorm", ("group_norm", "groupnorm")),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("conv", ("conv", "dgrad", "wgrad", "fprop", "implicit")),
+    ("gemm", ("gemm", "cutlass", "cublas", "xmma", "nvjet")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("copy_cat", ("copy", "memcpy", "cat", "memset", "transpose")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton")),
+)
+
+
+def kernel_summary(prof, step_s: float) -> dict:
+    """GPU kernel time of one profiled step by category, the 25 costliest kernels, and the step's wall time: when
+    the kernel total is well below the wall time the step is launch- or host-bound."""
+    cats: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = evt.device_time / 1e3 if hasattr(evt, "device_time") else evt.cuda_time / 1e3
+        name = evt.name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+        entry = kernels.setdefault(evt.name[:120], [0.0, 0])
+        entry[0] += ms
+        entry[1] += 1
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"step_ms": round(step_s * 1e3, 1), "kernel_ms": round(sum(cats.values()), 1),
+            "categories_ms": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n, "ms": round(v[0], 2), "calls": v[1]} for n, v in top]}
+
+
+def time_vae_encode(model, frames: int, height: int, width: int, reps: int = 3) -> float:
+    """Median seconds of the online VAE encode of one clip (the first stage, bf16 autocast), as in a step."""
+    model.first_stage_model.cuda()  # Lightning moves the module back to the CPU at the end of fit
+    x = torch.rand(1, frames, 3, height, width, device="cuda") * 2 - 1
+    out = []
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(reps + 1):
+            _sync()
+            t = time.perf_counter()
+            model.encode_first_stage(x, generator=torch.Generator(device="cuda").manual_seed(0))
+            _sync()
+            out.append(time.perf_counter() - t)
+    return statistics.median(out[1:])
 
 
 def _sync() -> None:
@@ -138,7 +191,7 @@ def main() -> None:
     strategy = build_strategy(args.strategy, lightning)
     if hasattr(strategy, "config"):
         strategy.config["train_micro_batch_size_per_gpu"] = args.batch
-    timer = StepTimer(args.warmup if args.profile else None, args.profile)
+    timer = StepTimer(args.warmup - 1 if args.profile else None, args.profile)  # the last warm-up step
     benchmark = bool((lightning.get("trainer") or {}).get("benchmark", False)) if args.benchmark == "config" else (
         args.benchmark == "on")
     trainer = pl.Trainer(
@@ -152,6 +205,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, train_dataloaders=data)
     times = timer.times[args.warmup:]
+    vae_s = (time_vae_encode(model, frames, args.height, args.width)
+             if torch.cuda.is_available() and not args.latents else None)
     median = statistics.median(times)
     step_tflop = 3 * fwd * args.batch / 1e12
     print(json.dumps({
@@ -163,6 +218,8 @@ def main() -> None:
         "model_tflop_per_step": round(step_tflop, 1), "mfu": round(step_tflop / median / args.peak_tflops, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "vae_encode_s": None if vae_s is None else round(vae_s, 4),
+        "compile": bool(cfg.model.params.get("compile_model", False)),
         "steps_timed": len(times), "cudnn_benchmark": benchmark, "temporal_conv": "3d" if args.conv3d else "2d",
     }), flush=True)
 

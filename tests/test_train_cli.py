@@ -66,7 +66,12 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, strategy)
     if strategy.startswith("deepspeed"):
         step = full / "checkpoints" / "step-000000006"
         assert (step / "zero_to_fp32.py").is_file()
-        assert len(glob.glob(str(step / "checkpoint" / "zero_pp_rank_*_optim_states.pt"))) == 2
+        shards = sorted(glob.glob(str(step / "checkpoint" / "zero_pp_rank_*_optim_states.pt")))
+        assert len(shards) == 2
+        # Weights start on 16-byte boundaries in ZeRO's flat buffer (fast kernels; the tiny model has 1-element
+        # mix factors, so padding is needed). The file was written by this test: unpickling it is safe.
+        optim = torch.load(shards[0], weights_only=False)["optimizer_state_dict"]
+        assert sum(map(sum, optim["param_alignment_paddings"])) > 0
     else:
         a = torch.load(full / "checkpoints/step-000000006/lightning.ckpt", weights_only=True)
         b = torch.load(cut / "checkpoints/step-000000006/lightning.ckpt", weights_only=True)

@@ -26,13 +26,15 @@ class VideoLayer:
     recompute their activations in the backward pass (gradient checkpointing)."""
 
     use_checkpoint: bool = False
+    compiled_forward = None  # a torch.compile'd video_forward, set by VideoUNet.compile_layers
 
     def run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Apply the layer's `video_forward(x ((b t),c,h,w), emb ((b t),e), context (b,m,d), num_frames)`, under
-        activation checkpointing when enabled and gradients are needed."""
+        """Apply the layer's `video_forward(x ((b t),c,h,w), emb ((b t),e), context (b,m,d), num_frames)` (its
+        compiled version when there is one), under activation checkpointing when enabled and gradients are needed."""
+        forward = self.compiled_forward or self.video_forward
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self.video_forward, x, emb, context, num_frames, use_reentrant=False)
-        return self.video_forward(x, emb, context, num_frames)
+            return checkpoint(forward, x, emb, context, num_frames, use_reentrant=False)
+        return forward(x, emb, context, num_frames)
 
 
 class ResBlock(nn.Module):
@@ -323,6 +325,21 @@ class VideoUNet(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
+    def compile_layers(self) -> None:
+        """torch.compile each res block and transformer (regional compilation): the norms, activations, residual
+        adds and layout changes between the matmuls and convolutions fuse into few kernels. Layers of equal shapes
+        share one compiled graph, so a 25-frame SVD UNet compiles about 20 graphs once per resolution; activation
+        checkpointing recomputes through the compiled code. The state dict is unchanged."""
+        import torch._dynamo
+
+        layers = [m for m in self.modules() if isinstance(m, VideoLayer)]
+        # One code object per layer class serves every instance; each distinct shape is one cache entry.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 8 * len(layers))
+        for layer in layers:
+            layer.compiled_forward = torch.compile(layer.video_forward, dynamic=False)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each res block and transformer in the backward pass instead of storing activations."""
         for module in self.modules():
@@ -369,8 +386,8 @@ class UNetWrapper(nn.Module):
     def __init__(self, diffusion_model: VideoUNet, compile_model: bool = False):
         super().__init__()
         self.diffusion_model = diffusion_model
-        # Kept out of the module registry so the compiled wrapper adds no state-dict keys.
-        self.__dict__["_compiled_unet"] = torch.compile(diffusion_model) if compile_model else None
+        if compile_model:
+            diffusion_model.compile_layers()
 
     def forward(
         self, x: torch.Tensor, c_noise: torch.Tensor, cond: dict[str, torch.Tensor], cond_mask: torch.Tensor | None = None
@@ -379,5 +396,4 @@ class UNetWrapper(nn.Module):
         if "concat" in cond:
             concat = cond["concat"].to(x.dtype)
             x = torch.cat([x, concat[:, None].expand(-1, x.shape[1], -1, -1, -1)], dim=2)
-        unet = self._compiled_unet or self.diffusion_model
-        return unet(x, c_noise, cond["crossattn"], cond.get("vector"), cond_mask)
+        return self.diffusion_model(x, c_noise, cond["crossattn"], cond.get("vector"), cond_mask)
