@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -68,6 +69,7 @@ class StepTimer(pl.Callback):
 
     def __init__(self, profile_step: int | None = None, profile_path: str | None = None):
         self.times: list[float] = []
+        self.losses: list[float] = []
         self._t = None
         self.profile_step, self.profile_path = profile_step, profile_path
         self._prof = None
@@ -83,6 +85,8 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _sync()
         self.times.append(time.perf_counter() - self._t)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach().float()))
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             table = self._prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
@@ -144,6 +148,32 @@ def time_vae_encode(model, frames: int, height: int, width: int, reps: int = 3) 
     return statistics.median(out[1:])
 
 
+class HostProfile(pl.Callback):
+    """cProfile of the host (Python) side of the timed steps: when the GPU waits for the CPU, this says where the
+    CPU time goes. Writes the top functions by own time and by cumulative time."""
+
+    def __init__(self, start_step: int, path: str):
+        import cProfile
+
+        self.start_step, self.path, self.prof = start_step, path, cProfile.Profile()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.start_step:
+            self.prof.enable()
+
+    def on_train_end(self, trainer, pl_module):
+        import io
+        import pstats
+
+        self.prof.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(self.prof, stream=out)
+        stats.sort_stats("tottime").print_stats(45)
+        stats.sort_stats("cumulative").print_stats(60)
+        with open(self.path, "w") as f:
+            f.write(out.getvalue())
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -165,6 +195,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--accelerator", default="gpu", help="cpu only to smoke-test the script on a tiny config")
     p.add_argument("--profile", metavar="FILE", help="write a profiler table of the first step after warm-up")
+    p.add_argument("--host-profile", metavar="FILE", help="cProfile the timed steps' host side into FILE")
     p.add_argument("--benchmark", choices=["config", "on", "off"], default="config", help="cudnn.benchmark")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal convs as cuDNN 3-D convolutions")
     p.add_argument("overrides", nargs="*", help="a.b=c config overrides")
@@ -197,7 +228,9 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, strategy=strategy, precision=args.precision,
         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer], gradient_clip_val=0.3, benchmark=benchmark,
+        enable_model_summary=False,
+        callbacks=[timer] + ([HostProfile(args.warmup, args.host_profile)] if args.host_profile else []),
+        gradient_clip_val=0.3, benchmark=benchmark,
     )
     data = DataLoader(SyntheticClips(frames, args.height, args.width, args.latents, 10_000), batch_size=args.batch,
                       num_workers=4, pin_memory=True)
@@ -220,7 +253,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "vae_encode_s": None if vae_s is None else round(vae_s, 4),
         "compile": bool(cfg.model.params.get("compile_model", False)),
-        "steps_timed": len(times), "cudnn_benchmark": benchmark, "temporal_conv": "3d" if args.conv3d else "2d",
+        "steps_timed": len(times), "steps_total": len(timer.losses),
+        "losses_finite": all(math.isfinite(v) for v in timer.losses),
+        "loss_first_last": [round(timer.losses[0], 4), round(timer.losses[-1], 4)], "cudnn_benchmark": benchmark, "temporal_conv": "3d" if args.conv3d else "2d",
     }), flush=True)
 
 

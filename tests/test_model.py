@@ -264,7 +264,7 @@ def test_compiled_layers_match_eager_with_and_without_checkpointing():
         model.unet.set_gradient_checkpointing(ckpt)
         model.unet.compile_layers()
         assert set(model.state_dict()) == keys
-        layers = [m for m in model.unet.modules() if getattr(m, "compiled_forward", None) is not None]
+        layers = [m for m in model.unet.modules() if getattr(m, "compiled_run", None) is not None]
         assert layers, "no layer was compiled"
         out = model.compute_loss(batch, torch.Generator().manual_seed(3)).loss
         out.backward()

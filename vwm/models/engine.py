@@ -229,8 +229,10 @@ class DiffusionEngine(pl.LightningModule):
         """Diffusion loss terms for one batch (conditioning dropout, sigma, noise drawn from `generator`)."""
         if self.loss_fn is None:
             raise ValueError("the model config has no loss_fn_config: it cannot be trained")
-        z = self.latents_of(batch, generator)
+        # Conditioning first: its CLIP preprocessing waits for the GPU (small host-to-device tensors), which is
+        # cheap while the queue is short, before the VAE encode and the UNet are queued behind it.
         cond = self.conditioner(batch, generator=generator)
+        z = self.latents_of(batch, generator)
         return self.loss_fn(self.model, self.denoiser, cond, z, generator=generator)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
