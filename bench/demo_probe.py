@@ -2,13 +2,19 @@
 uses its actions and which way its rollouts turn under "steer left" / "steer right". One JSON line per evaluation.
 
     python bench/demo_probe.py --config configs/demo/toyworld.yaml --steps 400 [key=value overrides ...]
+    python bench/demo_probe.py --ckpt outputs/demo/toyworld.safetensors --indices 0 1 2 3 --sampling 12:3:4:80
 
 Every --eval_every steps, on a fixed held-out batch of explore-policy toy clips and fixed noise per sigma: the x0
 error of the non-condition frames with the true actions, with the actions of another clip (shuffled), and with the
 action embeddings zeroed. `action_gain` = shuffled / true - 1: > 0 once the model uses the actions. At the end: the
 demo's measure (vwm.data.toyworld.lateral_motion) of EMA rollouts from held-out start frames under constant
-steering left and right (the demo's settings). The same config trains the same model under train.py; this loop
-only leaves out Lightning, so it runs the sweep variants fast and side by side on one GPU.
+steering left and right (the demo's sampler settings, scripts/demo.py SAMPLING, unless --n_steps, --cfg_scale,
+--sigma_min, --sigma_max say otherwise). The same config trains the same model under train.py; this loop only
+leaves out Lightning, so it runs the sweep variants fast and side by side on one GPU.
+
+With --ckpt (an export of bin_to_st.py, e.g. the demo's toyworld.safetensors) it trains nothing and runs only
+the rollout test on that model, once per --sampling variant ("n_steps:cfg_scale:sigma_min:sigma_max"): how
+sampler settings change the verdict of one trained model.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -31,6 +38,9 @@ from vwm.config import build_model, instantiate, load_config  # noqa: E402
 from vwm.data.toyworld import ToyWorldSubset, lateral_motion, render_rollout, steering_plan  # noqa: E402
 from vwm.rollout import (Placement, RolloutSettings, action_batch, normalise_actions, rollout,  # noqa: E402
                          sample_generator)
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from demo import SAMPLING, SPEED_MS, STEER_DEG  # noqa: E402
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -80,16 +90,17 @@ def action_use(engine, batch: dict, sigmas: list[float]) -> dict:
 
 
 @torch.no_grad()
-def steering_test(engine, cfg, indices: list[int], n_steps: int, cfg_scale: float, speed: float,
-                  steer_deg: float) -> dict:
-    """The demo's measure on EMA rollouts from the held-out TOY start frames of sample.py (seed 1)."""
-    with engine.model_ema.scope(engine.model) if engine.use_ema else contextlib.nullcontext():
-        engine = copy.deepcopy(engine)  # Placement prepares the model for inference in place
+def steering_test(engine, cfg, indices: list[int], settings: RolloutSettings, speed: float, steer_deg: float,
+                  prepared: bool = False) -> dict:
+    """The demo's measure on EMA rollouts from the held-out TOY start frames of sample.py (seed 1).
+    `prepared`: the engine already holds the weights to sample (an export) and may be changed in place."""
+    if not prepared:
+        with engine.model_ema.scope(engine.model) if engine.use_ema else contextlib.nullcontext():
+            engine = copy.deepcopy(engine)  # Placement prepares the model for inference in place
     t = engine.num_frames
     h, w = cfg.data.params.target_height, cfg.data.params.target_width
     subset = ToyWorldSubset(t, h, w, length=max(indices) + 1, seed=1)
     frames = torch.stack([subset.load_clip(i).frames[:1] for i in indices]).float() / 127.5 - 1.0
-    settings = RolloutSettings(n_steps=n_steps, cfg_scale=cfg_scale)
     placement = Placement(engine, engine.device)
     result = {}
     for name, sign in (("left", 1.0), ("right", -1.0)):
@@ -102,8 +113,35 @@ def steering_test(engine, cfg, indices: list[int], n_steps: int, cfg_scale: floa
         result[name] = [round(lateral_motion(v), 4) for v in video]
         result[name + "_truth"] = [round(lateral_motion(f), 4) for f in truth]
     left, right = result["left"], result["right"]
-    result["left_gt_right"] = f"{sum(a > b for a, b in zip(left, right))}/{len(left)}"
+    agree = sum(a > b for a, b in zip(left, right))
+    result["left_gt_right"] = f"{agree}/{len(left)}"
+    result["sign_test_p"] = round(sum(math.comb(len(left), k) for k in range(agree, len(left) + 1))
+                                  / 2 ** len(left), 5)
+    result["mean_left"] = round(sum(left) / len(left), 4)
+    result["mean_right"] = round(sum(right) / len(right), 4)
+    result["sampling"] = {k: getattr(settings, k) for k in ("n_steps", "cfg_scale", "sigma_min", "sigma_max")}
     return result
+
+
+def evaluate_export(args) -> int:
+    """--ckpt: the rollout test of an exported model under each --sampling variant; one JSON line each."""
+    from vwm.cli.sample import SampleOptions, load_model, model_config
+
+    opts = SampleOptions(ckpt=args.ckpt)
+    cfg, _ = model_config(opts)
+    cfg.data = load_config([args.config]).data  # the export carries the model only: frame size from --config
+    variants = args.sampling or [":".join(str(v) for v in (args.n_steps, args.cfg_scale, args.sigma_min,
+                                                             args.sigma_max))]
+    for variant in variants:
+        n_steps, cfg_scale, sigma_min, sigma_max = variant.split(":")
+        settings = RolloutSettings(n_steps=int(n_steps), cfg_scale=float(cfg_scale),
+                                   sigma_min=float(sigma_min), sigma_max=float(sigma_max))
+        engine = load_model(opts, cfg).to(args.device)
+        t0 = time.perf_counter()
+        row = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG, prepared=True)
+        print(json.dumps({"tag": args.tag, "ckpt": args.ckpt, "device": args.device,
+                          "seconds": round(time.perf_counter() - t0, 1), "steering": row}), flush=True)
+    return 0
 
 
 def main() -> int:
@@ -115,13 +153,24 @@ def main() -> int:
     p.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steer_every_eval", action="store_true", help="the rollout test at every evaluation")
+    p.add_argument("--n_steps", type=int, default=SAMPLING["n_steps"], help="rollout test: sampler steps")
+    p.add_argument("--cfg_scale", type=float, default=SAMPLING["cfg_scale"], help="rollout test: guidance")
+    p.add_argument("--sigma_min", type=float, default=SAMPLING["sigma_min"], help="rollout test: last sigma")
+    p.add_argument("--sigma_max", type=float, default=SAMPLING["sigma_max"], help="rollout test: first sigma")
+    p.add_argument("--ckpt", default=None, help="evaluate this export (bin_to_st.py) instead of training")
+    p.add_argument("--sampling", nargs="+", default=None, metavar="STEPS:CFG:SIGMA_MIN:SIGMA_MAX",
+                   help="--ckpt: sampler variants to test (default: the flags above)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args()
 
+    if args.ckpt:
+        return evaluate_export(args)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
+    settings = RolloutSettings(n_steps=args.n_steps, cfg_scale=args.cfg_scale, sigma_min=args.sigma_min,
+                               sigma_max=args.sigma_max)
     cfg = load_config([args.config], args.overrides)
     engine = build_model(cfg).to(dev)
     engine.train()
@@ -160,8 +209,7 @@ def main() -> int:
                        "s_per_step": round((time.perf_counter() - t0) / step, 4),
                        "action_use": action_use(engine, held_out, args.sigmas)}
                 if args.steer_every_eval or step == args.steps:
-                    row["steering"] = steering_test(engine, cfg, args.indices, n_steps=25, cfg_scale=2.0,
-                                                    speed=8.0, steer_deg=120.0)
+                    row["steering"] = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG)
                 print(json.dumps(row), flush=True)
             if step == args.steps:
                 break

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -78,6 +79,10 @@ def main() -> int:
     p.add_argument("--only", nargs="+", default=None, choices=sorted(VARIANTS))
     p.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--extra", nargs="*", default=[], help="overrides added to every variant")
+    p.add_argument("--probe_args", default="", metavar="'FLAGS'",
+                   help="demo_probe.py flags for every variant, one string, e.g. '--sigma_min 0.002 "
+                   "--sigma_max 700 --cfg_scale 2 --n_steps 25' (the rollout test as before the demo's "
+                   "sampler change)")
     args = p.parse_args()
     names = args.only or list(VARIANTS)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
@@ -87,7 +92,7 @@ def main() -> int:
         log = open(f"{args.out}.{name}.log", "w")
         cmd = [sys.executable, os.path.join(REPO, "bench", "demo_probe.py"), "--steps", str(args.steps),
                "--eval_every", str(args.eval_every), "--steer_every_eval", "--tag", name,
-               "--indices", *map(str, args.indices),
+               "--indices", *map(str, args.indices), *shlex.split(args.probe_args),
                "--", *VARIANTS[name], *args.extra]
         procs.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env), log))
     with open(args.out, "w") as out:

@@ -31,7 +31,16 @@ FRAMES = 8
 SPEED_MS = 8.0
 STEER_DEG = 120.0
 TOY_SEED = 1  # sample.py's TOY clips: held out from the training seed 0
-GPU_STEPS = 2000  # ~7 minutes on one H200 (0.19 s/step, bound by rendering the toy clips); CPU: the config's 1000
+GPU_STEPS = 2000  # ~7 minutes on one H200 (0.19 s/step, bound by rendering the toy clips); CPU: the config's
+# max_steps (1100, ~10.5 minutes with the rollouts on 2 cores)
+START_FRAMES = 16  # held-out start clips; the sign test needs 12 of 16 for p < 0.05 (8 start frames: 7 of 8)
+SAMPLING = {"n_steps": 12, "cfg_scale": 3.0, "sigma_min": 4.0, "sigma_max": 80.0}
+"""How the demo samples (sample.py flags). The demo model trains at high noise (ln sigma ~ N(1.5, 1.0), the
+config), where the actions decide the layout of the future frames; it never learns to remove the last, fine
+noise. So the schedule runs from sigma 80 (EDM's default maximum) down to 4, about the median training noise,
+and the last step returns the model's clean estimate there, instead of the reference's 700 -> 0.002, whose
+low-noise steps the model has barely seen (its frames keep heavy pixel noise and the steering is lost in it).
+docs/toyworld.md has the measurements behind these values."""
 
 
 def run(cmd: list[str]) -> None:
@@ -85,8 +94,9 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "demo"))
     p.add_argument("--config", default=CONFIG, help="the model/training config (default: the demo's)")
     p.add_argument("--max_steps", type=int, default=None,
-                   help=f"default: the config's (1000) on CPU, {GPU_STEPS} on a GPU")
-    p.add_argument("--indices", type=int, nargs="+", default=list(range(8)), help="TOY start clips")
+                   help=f"default: the config's on CPU, {GPU_STEPS} on a GPU")
+    p.add_argument("--indices", type=int, nargs="+", default=list(range(START_FRAMES)),
+                   help=f"TOY start clips (default: 0 to {START_FRAMES - 1})")
     args = p.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -101,6 +111,7 @@ def main() -> int:
     if steps is not None:
         train += ["--max_steps", str(steps)]
     run(train)
+    t_train = time.time() - t0
     run_dir = os.path.join(out, "logs", "toyworld")
     steps = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step-*")))
     export = os.path.join(out, "toyworld.safetensors")
@@ -108,6 +119,7 @@ def main() -> int:
 
     import numpy as np
 
+    t_rollouts = time.time()
     from vwm.data.toyworld import lateral_motion, render_rollout, steering_plan
     from vwm.media import side_by_side, write_mp4
 
@@ -121,8 +133,9 @@ def main() -> int:
                                     num_frames=FRAMES, start_index=args.indices[0]), f)
         run([py, os.path.join(REPO, "sample.py"), "--ckpt", export, "--dataset", "TOY", "--toy_seed",
              str(TOY_SEED), "--index", *map(str, args.indices), "--height", str(HEIGHT), "--width", str(WIDTH),
-             "--n_frames", str(FRAMES), "--n_steps", "25", "--cfg_scale", "2.0", "--actions_json", plan,
-             "--png", "--save", os.path.join(out, name), "--seed", "0"])
+             "--n_frames", str(FRAMES), *(f"--{k}={v}" for k, v in SAMPLING.items()), "--batch_size", "8",
+             "--actions_json", plan, "--png", "--save", os.path.join(out, name), "--seed", "0"])
+    t_rollouts = time.time() - t_rollouts
     pairs = []
     for index in args.indices:
         videos = {}
@@ -144,7 +157,7 @@ def main() -> int:
     p_value = sum(math.comb(len(left), k) for k in range(agree, len(left) + 1)) / 2 ** len(left)
     follows = p_value < 0.05 and float(np.mean(left)) > float(np.mean(right))
     summary = {
-        "steps": n_steps, "loss_first_10pct": first, "loss_last_10pct": last,
+        "steps": n_steps, "loss_first_10pct": first, "loss_last_10pct": last, "sampling": SAMPLING,
         "lateral_motion": motions,
         "measure": "vwm.data.toyworld.lateral_motion: mean horizontal scene shift per frame in image widths, "
                    "positive = scene moves right = camera turns left",
@@ -152,7 +165,8 @@ def main() -> int:
         "start_frames_where_left_turns_more_left_than_right": f"{agree}/{len(left)}",
         "sign_test_p_value": p_value,
         "follows_steering": follows,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - t0, 1), "seconds_training": round(t_train, 1),
+        "seconds_rollouts": round(t_rollouts, 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -165,7 +179,7 @@ def main() -> int:
     print("the rollouts follow the steering (better than chance, p < 0.05)" if follows else
           "the rollouts do not follow the steering better than chance: more training steps are needed (README)")
     print(f"outputs in {out}: loss.png, steer_left_vs_right.mp4, steer_left/, steer_right/, summary.json "
-          f"({time.time() - t0:.0f} s)")
+          f"({time.time() - t0:.0f} s: training {t_train:.0f} s, rollouts {t_rollouts:.0f} s)")
     return 0
 
 

@@ -3,6 +3,7 @@ loss plot and summary, through the real CLIs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,4 +29,14 @@ def test_demo_script_runs_end_to_end_and_reports_its_verdict(tmp_path):
     for name in ("loss.png", "steer_left_vs_right.mp4", "toyworld.safetensors"):
         assert (out / name).stat().st_size > 0
     assert len(list((out / "steer_left" / "toy_000001" / "frames").glob("generated_*.png"))) == 8
+    # the rollouts are sampled with the demo's settings (the schedule stops where the model was trained)
+    script = os.path.join(REPO_ROOT, "scripts", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_script", script)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    sampling = demo.SAMPLING
+    assert sampling["sigma_min"] > 1.0 and summary["sampling"] == sampling
+    for name in ("steer_left", "steer_right"):
+        settings = json.loads((out / name / "toy_000000" / "sample.json").read_text())["settings"]
+        assert {k: settings[k] for k in sampling} == sampling
     assert "outputs in" in result.stdout

@@ -49,8 +49,8 @@ def test_rollout_follows_the_reference_procedure(tiny, monkeypatch):
     calls = []
     make = ro.make_sampler
 
-    def spy_make(name, n_steps, guider):
-        sampler = make(name, n_steps, guider)
+    def spy_make(name, n_steps, guider, *schedule):
+        sampler = make(name, n_steps, guider, *schedule)
 
         def call(denoiser, network, noise, cond, uc, cond_frame=None, cond_mask=None, callback=None):
             out = sampler(denoiser, network, noise, cond, uc, cond_frame=cond_frame, cond_mask=cond_mask,
@@ -87,7 +87,7 @@ def test_rollout_follows_the_reference_procedure(tiny, monkeypatch):
 def test_single_round_uses_vanilla_cfg_and_pastes_the_gt_first_frame(tiny, monkeypatch):
     guiders = []
     make = ro.make_sampler
-    monkeypatch.setattr(ro, "make_sampler", lambda n, s, g: guiders.append(g) or make(n, s, g))
+    monkeypatch.setattr(ro, "make_sampler", lambda n, s, g, *r: guiders.append(g) or make(n, s, g, *r))
     frames, actions, generators = _inputs()
     settings = ro.RolloutSettings(n_steps=2, n_conds=0)  # no latent replacement: frame 0 is pasted afterwards
     latents = ro.sample_latents(tiny, frames, actions, generators, settings, ro.Placement(tiny, "cpu"))
@@ -147,9 +147,35 @@ def test_guider_choice():
     assert isinstance(ro.make_guider("triangle", 1.0, 3), IdentityGuider)
 
 
+def _sigmas_of(model, settings):
+    """(noise level of every sampler step, the rollout, the last step's denoised estimate)."""
+    steps = []
+    frames, actions, generators = _inputs(1, settings.n_rounds)
+    result = ro.rollout(model, frames, actions, generators, settings, ro.Placement(model, "cpu"),
+                        callback=lambda info: steps.append((float(info["sigma"]), info["denoised"].clone())))
+    return [s for s, _ in steps], result, steps[-1][1]
+
+
+def test_noise_schedule_runs_from_sigma_max_down_to_sigma_min_then_returns_the_estimate(tiny):
+    default, _, _ = _sigmas_of(tiny, ro.RolloutSettings(n_steps=3))
+    assert (ro.SIGMA_MIN, ro.SIGMA_MAX) == (0.002, 700.0)  # the reference's schedule stays the default
+    assert default[0] == pytest.approx(700.0) and default[-1] == pytest.approx(0.002)
+    sigmas, result, denoised = _sigmas_of(tiny, ro.RolloutSettings(n_steps=3, sigma_min=4.0, sigma_max=60.0))
+    assert len(sigmas) == 3 and sigmas[0] == pytest.approx(60.0) and sigmas[-1] == pytest.approx(4.0)
+    assert 4.0 < sigmas[1] < 60.0
+    # the final step goes from sigma_min to 0, so the sample is the denoiser's estimate at sigma_min
+    torch.testing.assert_close(result.latents[:, 1:], denoised[:, 1:], rtol=1e-5, atol=1e-5)
+    for heun in (False, True):  # both samplers honour the schedule
+        sampler = ro.make_sampler("heun" if heun else "euler", 4, VanillaCFG(2.0), 0.5, 30.0)
+        levels = sampler.discretization(4).tolist()
+        assert levels[0] == pytest.approx(30.0) and levels[-2:] == [pytest.approx(0.5), 0.0]
+
+
 @pytest.mark.parametrize("field, value, allowed", [
     ("n_conds", 4, "[0, 3]"), ("cfg_scale", 0.5, ">= 1"), ("n_steps", 0, ">= 1"), ("decode_chunk", 0, ">= 1"),
-    ("sampler", "ddim", "euler or heun"),
+    ("sampler", "ddim", "euler or heun"), ("sigma_min", 0.0, "(0, sigma_max=700.0)"),
+    ("sigma_min", 700.0, "(0, sigma_max=700.0)"), ("sigma_max", float("inf"), "a finite float > 0"),
+    ("sigma_max", -1.0, "a finite float > 0"),
 ])
 def test_settings_errors_name_the_field_value_and_allowed(field, value, allowed):
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + ".*" + re.escape(allowed)):

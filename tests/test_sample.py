@@ -235,12 +235,42 @@ def test_pickle_checkpoints_are_refused_without_running_them(tmp_path, capsys):
     (["--n_conds", "4"], "n_conds=4 is invalid; allowed: an int in [0, 3]"),
     (["--actions_json", "nope.json"], "--actions_json='nope.json' is not an existing file"),
     (["--action", "traj", "--actions_json", "x.json"], "--action=traj and --actions_json both given"),
+    (["--sigma_min", "0"], "--sigma_min=0.0 is invalid; allowed: 0 < sigma_min < --sigma_max (700)"),
+    (["--sigma_min", "5", "--sigma_max", "4"],
+     "--sigma_min=5.0 is invalid; allowed: 0 < sigma_min < --sigma_max (4)"),
+    (["--sigma_max", "nan"], "--sigma_max=nan is invalid; allowed: a finite number > 0"),
 ])
 def test_user_errors_exit_2_with_a_clear_message(ckpt, tmp_path, capsys, args, message):
     base = ["--ckpt", ckpt[0], "--dataset", "TOY", "--save", str(tmp_path / "o"), *FAST]
     assert main(base + args) == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_sigma_flags_set_the_noise_schedule(ckpt, tmp_path, monkeypatch):
+    from vwm.cli.sample import DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN
+
+    assert (DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX) == (ro.SIGMA_MIN, ro.SIGMA_MAX)
+    levels = []
+    make = ro.make_sampler
+
+    def spy(name, n_steps, guider, *schedule):
+        sampler = make(name, n_steps, guider, *schedule)
+        levels.append(sampler.discretization(n_steps).tolist())
+        return sampler
+
+    monkeypatch.setattr(ro, "make_sampler", spy)
+    runs = {}
+    for name, extra in (("default", []), ("demo", ["--sigma_min", "4", "--sigma_max", "60"])):
+        rc, save = _run(ckpt[0], tmp_path, "--dataset", "TOY", "--index", "0", "--png", *extra, name=name)
+        assert rc == 0
+        runs[name] = _pngs(os.path.join(save, "toy_000000", "frames"))
+        with open(os.path.join(save, "toy_000000", "sample.json")) as f:
+            settings = json.load(f)["settings"]
+        assert (settings["sigma_min"], settings["sigma_max"]) == ((4.0, 60.0) if extra else (0.002, 700.0))
+    assert [lv[0] for lv in levels] == [pytest.approx(700.0), pytest.approx(60.0)]
+    assert [lv[-2:] for lv in levels] == [[pytest.approx(0.002), 0.0], [pytest.approx(4.0), 0.0]]
+    assert not np.array_equal(runs["default"][1:], runs["demo"][1:])
 
 
 def test_config_is_needed_when_the_checkpoint_has_none(ckpt, tmp_path, capsys):

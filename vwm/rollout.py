@@ -52,7 +52,7 @@ FPS_ID = 9
 MOTION_BUCKET_ID = 127
 """Motion-bucket conditioning value, as in every Vista training clip."""
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 700.0, 7.0
-"""Sampling schedule of the reference (EDM discretisation with sigma_max 700)."""
+"""Sampling schedule of the reference (EDM discretisation with sigma_max 700): RolloutSettings' defaults."""
 LOW_VRAM_DECODE_CHUNK = 6
 """Frames per VAE decode window in low-VRAM mode (windows overlap by 3, so each adds 3 new frames)."""
 
@@ -71,6 +71,12 @@ class RolloutSettings:
     cond_aug: float = 0.0
     decode_chunk: int | None = None
     """Frames per final VAE decode window; None: the model's en_and_decode_n_samples_a_time."""
+    sigma_min: float = SIGMA_MIN
+    """Last noise level of the schedule before the final step to 0 (that step returns the denoiser's estimate
+    at sigma_min). The reference's 0.002 suits a model trained down to low noise; a model trained mostly at
+    high noise (the demo's) gives cleaner frames when the schedule stops where it was trained."""
+    sigma_max: float = SIGMA_MAX
+    """First noise level of the schedule (the reference: 700)."""
 
     def validate(self, num_frames: int) -> None:
         """Raise ValueError naming the field, its value and what is allowed, for a model of num_frames."""
@@ -88,6 +94,11 @@ class RolloutSettings:
              "a float >= 0"),
             ("decode_chunk", self.decode_chunk, self.decode_chunk is None or self.decode_chunk >= 1,
              "an int >= 1 or None"),
+            ("sigma_max", self.sigma_max, math.isfinite(self.sigma_max) and self.sigma_max > 0.0,
+             "a finite float > 0"),
+            ("sigma_min", self.sigma_min,
+             math.isfinite(self.sigma_min) and 0.0 < self.sigma_min < self.sigma_max,
+             f"a float in (0, sigma_max={self.sigma_max!r})"),
         )
         for name, value, ok, allowed in checks:
             if not ok:
@@ -127,12 +138,14 @@ def make_guider(name: GuiderName | None, cfg_scale: float, n_rounds: int) -> Gui
     raise ValueError(f"guider={name!r} is invalid; allowed: vanilla, linear, triangle")
 
 
-def make_sampler(name: SamplerName, n_steps: int, guider: Guider) -> EulerEDMSampler:
-    """Deterministic EDM sampler (no churn) over the reference schedule, Euler or Heun."""
+def make_sampler(name: SamplerName, n_steps: int, guider: Guider, sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX) -> EulerEDMSampler:
+    """Deterministic EDM sampler (no churn), Euler or Heun, over the Karras schedule from sigma_max down to
+    sigma_min and then 0 (default: the reference's 700 -> 0.002)."""
     cls = {"euler": EulerEDMSampler, "heun": HeunEDMSampler}.get(name)
     if cls is None:
         raise ValueError(f"sampler={name!r} is invalid; allowed: euler, heun")
-    return cls(num_steps=n_steps, discretization_config=EDMDiscretization(SIGMA_MIN, SIGMA_MAX, RHO),
+    return cls(num_steps=n_steps, discretization_config=EDMDiscretization(sigma_min, sigma_max, RHO),
                guider_config=guider, s_churn=0.0, s_tmin=0.0, s_tmax=999.0, s_noise=1.0)
 
 
@@ -349,7 +362,7 @@ def sample_latents(
     with _timed(timings, "condition_s", dev):
         c, uc = _conditioning(model, placement, first, first + aug, actions[0], settings.cond_aug, False)
     guider = make_guider(settings.guider, settings.cfg_scale, settings.n_rounds)
-    sampler = make_sampler(settings.sampler, settings.n_steps, guider)
+    sampler = make_sampler(settings.sampler, settings.n_steps, guider, settings.sigma_min, settings.sigma_max)
     latent_shape = (t, *z.shape[2:])
     first_cond = z.new_zeros(b, *latent_shape)
     first_cond[:, :n_enc] = z

@@ -36,6 +36,8 @@ TOY_CLIPS = 100
 """Clips of the TOY data set (toy-world clips of --toy_seed)."""
 GT_PAD_VALUE = 127
 """Grey frames that pad the ground truth of the comparison video beyond the clip's frames."""
+DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX = 0.002, 700.0
+"""--sigma_min / --sigma_max defaults: the reference's schedule (vwm.rollout.SIGMA_MIN, SIGMA_MAX)."""
 
 
 @dataclass
@@ -59,6 +61,8 @@ class SampleOptions:
     guider: Literal["vanilla", "linear", "triangle"] | None = None
     sampler: Literal["euler", "heun"] = "euler"
     cond_aug: float = 0.0
+    sigma_min: float = DEFAULT_SIGMA_MIN
+    sigma_max: float = DEFAULT_SIGMA_MAX
     height: int = 576
     width: int = 1024
     seed: int = 23
@@ -106,6 +110,12 @@ def parser(reward: bool = False) -> argparse.ArgumentParser:
                    help="default: vanilla for one round, triangle for several")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--cond_aug", type=float, default=0.0, help="noise std added to the condition frame")
+    p.add_argument("--sigma_min", type=float, default=DEFAULT_SIGMA_MIN,
+                   help="last noise level before the final step, which returns the model's estimate at it "
+                   f"(default {DEFAULT_SIGMA_MIN:g}, the reference's; raise it for a model trained only at "
+                   "higher noise, e.g. the demo's)")
+    p.add_argument("--sigma_max", type=float, default=DEFAULT_SIGMA_MAX,
+                   help=f"first noise level of the schedule (default {DEFAULT_SIGMA_MAX:g}, the reference's)")
     p.add_argument("--height", type=int, default=576)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--seed", type=int, default=23, help="sample i draws its noise from (seed, i)")
@@ -146,6 +156,11 @@ def check_options(opts: SampleOptions) -> None:
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise ValueError(f"--{name}={value} is invalid; allowed: > 0")
+    if not (np.isfinite(opts.sigma_max) and opts.sigma_max > 0):
+        raise ValueError(f"--sigma_max={opts.sigma_max} is invalid; allowed: a finite number > 0")
+    if not (np.isfinite(opts.sigma_min) and 0 < opts.sigma_min < opts.sigma_max):
+        raise ValueError(f"--sigma_min={opts.sigma_min} is invalid; allowed: 0 < sigma_min < --sigma_max "
+                         f"({opts.sigma_max:g})")
     if opts.reward and opts.ens_size < 2:
         raise ValueError(f"--ens_size={opts.ens_size} is invalid; allowed: >= 2 (the ensemble variance "
                          "needs two samples)")
@@ -188,7 +203,8 @@ def rollout_settings(opts: SampleOptions) -> Any:
 
     return RolloutSettings(n_rounds=opts.n_rounds, n_conds=opts.n_conds, n_steps=opts.n_steps,
                            cfg_scale=opts.cfg_scale, guider=opts.guider, sampler=opts.sampler,
-                           cond_aug=opts.cond_aug, decode_chunk=opts.decode_chunk)
+                           cond_aug=opts.cond_aug, decode_chunk=opts.decode_chunk, sigma_min=opts.sigma_min,
+                           sigma_max=opts.sigma_max)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -235,6 +251,8 @@ def load_model(opts: SampleOptions, cfg: Any) -> Any:
     from vwm.config import build_model
 
     state, _ = read_state_dict(opts.ckpt)
+    if cfg.model.params.get("compile_model"):
+        cfg.model.params.compile_model = False  # a training setting (exports embed it); sampling runs eager
     model = build_model(cfg)
     load_weights(model, state, allow_missing=(), use_ema_weights=True, name=opts.ckpt)
     return model
