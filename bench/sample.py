@@ -1,5 +1,5 @@
 """Sampling time and peak memory of one clip: 25x576x1024, 50 Euler steps with CFG (VanillaCFG 2.5), in the
-normal mode (everything on the GPU, bf16 UNet, batched CFG) and the --low_vram mode (only the module in use on
+normal mode (everything on the GPU, bf16 UNet, batched CFG), the same with the UNet compiled, and the --low_vram mode (only the module in use on
 the GPU, small decode windows), with random weights of the full-size Vista config built on the GPU. The
 reference takes 47.7 s and 52.5 GiB on one H100 (DESIGN.md §6).
 
@@ -47,17 +47,21 @@ def _peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bench_mode(cfg, device: torch.device, low_vram: bool, args: argparse.Namespace) -> dict:
-    """Build the model on the device, warm up, time one rollout; the result line of this mode."""
+def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace) -> dict:
+    """Build the model on the device, warm up (compiling, in mode `compiled`), time one rollout; the result line
+    of this mode."""
+    low_vram = mode == "low_vram"
     model = build_model(cfg, device=device)
     if model.num_frames != args.frames:
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
                          "num_frames)")
-    placement = ro.Placement(model, device, low_vram=low_vram)
+    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode == "compiled")
     frames = _start_frame(args.height, args.width)
     actions = [ro.action_batch([ro.normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
     settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
+    start = time.perf_counter()
     ro.rollout(model, frames, actions, [ro.sample_generator(0, 1)], settings, placement)
+    warmup_s = time.perf_counter() - start
     settings = ro.RolloutSettings(n_steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -67,7 +71,7 @@ def bench_mode(cfg, device: torch.device, low_vram: bool, args: argparse.Namespa
     result = ro.rollout(model, frames, actions, [ro.sample_generator(0, 0)], settings, placement)
     seconds = time.perf_counter() - start
     line = {
-        "mode": "low_vram" if low_vram else "normal", "seconds": round(seconds, 3),
+        "mode": mode, "seconds": round(seconds, 3), "warmup_s": round(warmup_s, 1),
         "peak_gib": round(_peak_gib(device), 3),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "clip": f"{args.frames}x{args.height}x{args.width}", "steps": args.steps, "sampler": args.sampler,
@@ -95,13 +99,16 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--cfg_scale", type=float, default=2.5)
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    parser.add_argument("--modes", nargs="+", choices=["normal", "low_vram"], default=["normal", "low_vram"])
+    parser.add_argument("--modes", nargs="+", choices=["normal", "compiled", "low_vram"],
+                        default=["normal", "compiled", "low_vram"],
+                        help="normal: eager, all on the GPU; compiled: normal with the UNet layers compiled "
+                             "(warmup_s includes the compilation); low_vram: one module on the GPU at a time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     cfg = load_config(args.config)
     for mode in args.modes:
-        print(json.dumps(bench_mode(cfg, device, mode == "low_vram", args)), flush=True)
+        print(json.dumps(bench_mode(cfg, device, mode, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,29 @@ def test_train_step_bench_times_real_steps_and_profiles_the_host(tmp_path):
     assert 0 < row["step_s_min"] <= row["step_s_median"] <= row["step_s_max"]
     assert row["resolution"] == "5x64x64" and row["compile"] is False
     assert "run_backward" in host.read_text()  # the profile covers the timed steps' backward passes
+
+
+def test_regions_bench_times_every_region_on_the_tiny_model(tmp_path):
+    """bench/regions.py (the per-region breakdown of docs/performance.md) runs each region's real code."""
+    cmd = [sys.executable, os.path.join(REPO, "bench", "regions.py"), "--config",
+           os.path.join(REPO, "configs", "tiny", "train.yaml"), "--device", "cpu", "--height", "64", "--width",
+           "64", "--reps", "1", "--vae-variants", "nchw", "nchw_bmm", "--sdpa", "default"]
+    out = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    regions = [r["region"] for r in rows]
+    assert regions == ["conditioner", "vae_encode", "vae_encode", "unet_fwd", "loss_fwd_bwd", "optimizer", "ema"]
+    assert all(r["s_median"] > 0 for r in rows) and rows[-2]["n_params"] > 0
+
+
+def test_loader_bench_reads_jpeg_folders_and_mp4s_through_the_real_datamodule(tmp_path):
+    """bench/loader.py writes OpenDV-format data (JPEG frame folders, H.264 mp4s) and times the real loader."""
+    cmd = [sys.executable, os.path.join(REPO, "bench", "loader.py"), "--data", str(tmp_path / "data"),
+           "--workers", "0", "1", "--height", "64", "--width", "64", "--frames", "5", "--source-width", "128",
+           "--source-height", "72", "--sources", "1", "--source-frames", "12", "--warmup", "1", "--batches", "2"]
+    out = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(r["format"], r["workers"]) for r in rows] == [("jpeg", 0), ("jpeg", 1), ("mp4", 0), ("mp4", 1)]
+    assert all(r["clips_per_s"] > 0 and r["clip"] == "5x64x64" and r["frames_dtype"] == "uint8" for r in rows)
+    assert len(os.listdir(tmp_path / "data" / "frames" / "seq000")) == 12

@@ -249,9 +249,9 @@ def test_reference_only_params_are_accepted_and_derived_ones_dropped():
 
 @pytest.mark.slow
 def test_compiled_layers_match_eager_with_and_without_checkpointing():
-    """compile_model (regional torch.compile of every res block and transformer) computes the same loss and
-    gradients as eager code, also when checkpointing recomputes through the compiled layers; the state dict is
-    unchanged."""
+    """compile_model (regional torch.compile of every res block and transformer, and of the VAE encoder) computes
+    the same loss and gradients as eager code, also when checkpointing recomputes through the compiled layers; the
+    state dict is unchanged."""
     batch = make_batch()
     eager = build_tiny()
     keys = set(eager.state_dict())
@@ -263,6 +263,7 @@ def test_compiled_layers_match_eager_with_and_without_checkpointing():
         model.load_state_dict(eager.state_dict())
         model.unet.set_gradient_checkpointing(ckpt)
         model.unet.compile_layers()
+        model.first_stage_model.compile_encoder()  # what compile_model also does to the VAE encoder
         assert set(model.state_dict()) == keys
         layers = [m for m in model.unet.modules() if getattr(m, "compiled_run", None) is not None]
         assert layers, "no layer was compiled"

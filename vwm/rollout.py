@@ -154,12 +154,12 @@ class Placement:
 
     Constructing it prepares the model in place: eval mode, no gradients, the UNet cast to `unet_dtype`
     (default bf16 on CUDA, fp32 elsewhere; inputs are cast on the way in and outputs back to fp32, so the
-    sampler state stays fp32), everything on `device` (low_vram: on the CPU). The conditioner and the VAE
-    keep their fp32 weights.
+    sampler state stays fp32), everything on `device` (low_vram: on the CPU), and with `compile_unet` the
+    UNet's layers compiled (`VideoUNet.compile_layers`). The conditioner and the VAE keep their fp32 weights.
     """
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
-                 unet_dtype: torch.dtype | None = None):
+                 unet_dtype: torch.dtype | None = None, compile_unet: bool = False):
         self.model = model
         self.device = torch.device(device)
         self.low_vram = low_vram
@@ -167,6 +167,10 @@ class Placement:
         model.eval().requires_grad_(False)
         model.model.to(dtype=self.unet_dtype)
         model.to("cpu" if low_vram else self.device)
+        if compile_unet and not any(getattr(m, "compiled_run", None) for m in model.unet.modules()):
+            # Regional compilation (one graph per layer shape, compiled at the first round): the sampler calls
+            # the UNet with the same shapes every step, so the cost is paid once per rollout shape.
+            model.unet.compile_layers()
 
     @contextlib.contextmanager
     def use(self, module: nn.Module) -> Iterator[None]:

@@ -435,9 +435,20 @@ class AutoencodingEngine(nn.Module):
         self.loss = loss_config if loss_config is not None else nn.Identity()
         self.regularization = regularizer_config
 
+    _encode_frames = None  # the torch.compile'd encoder forward, set by compile_encoder
+
+    def compile_encoder(self) -> None:
+        """torch.compile the encoder's forward for the fixed frame shapes of a run (the norms, activations and
+        residual adds around the convolutions fuse): 0.36 -> 0.23 s for 25 bf16 frames at 576x1024 on an H100
+        (bench/regions.py). The state dict is unchanged; each distinct chunk shape compiles once."""
+        self._encode_frames = torch.compile(self.encoder.forward, dynamic=False)
+
+    def _moments(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encoder(frames) if self._encode_frames is None else self._encode_frames(frames)
+
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Frames (N, 3, H, W) in [-1, 1] -> latents (N, z, H/8, W/8), a posterior sample (or mode)."""
-        return self.regularization(self.encoder(x), generator=generator)
+        return self.regularization(self._moments(x), generator=generator)
 
     def decode(self, z: torch.Tensor, timesteps: int) -> torch.Tensor:
         """Latents ((B·T), z, h, w) of clips of `timesteps` frames -> frames ((B·T), 3, H, W)."""
@@ -455,7 +466,7 @@ class AutoencodingEngine(nn.Module):
             raise ValueError(f"encode_video expects (B, T, C, H, W), got shape {tuple(x.shape)}")
         _check_chunk_size(chunk_size)
         frames = rearrange(x, "b t c h w -> (b t) c h w")
-        moments = torch.cat([self.encoder(chunk) for chunk in frames.split(chunk_size)])
+        moments = torch.cat([self._moments(chunk) for chunk in frames.split(chunk_size)])
         z = self.regularization(moments, generator=generator)
         return rearrange(z, "(b t) c h w -> b t c h w", b=x.shape[0])
 

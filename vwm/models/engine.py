@@ -98,6 +98,8 @@ class DiffusionEngine(pl.LightningModule):
         self._nonfinite: torch.Tensor | None = None
 
         self.first_stage_model.eval().requires_grad_(False)
+        if compile_model and hasattr(self.first_stage_model, "compile_encoder"):
+            self.first_stage_model.compile_encoder()
         self.freeze_untrained()
         self.use_ema = use_ema
         self.ema_decay_rate = ema_decay_rate
