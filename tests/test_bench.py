@@ -52,3 +52,21 @@ def test_loader_bench_reads_jpeg_folders_and_mp4s_through_the_real_datamodule(tm
     assert [(r["format"], r["workers"]) for r in rows] == [("jpeg", 0), ("jpeg", 1), ("mp4", 0), ("mp4", 1)]
     assert all(r["clips_per_s"] > 0 and r["clip"] == "5x64x64" and r["frames_dtype"] == "uint8" for r in rows)
     assert len(os.listdir(tmp_path / "data" / "frames" / "seq000")) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_scaling_bench_runs_train_py_under_torchrun_and_reports_efficiency(tmp_path):
+    """bench/scaling.py launches the real train.py under torchrun for each process count (gloo on CPU here) on
+    random clips and reports the last throughput window and the efficiency against the first count."""
+    cmd = [sys.executable, os.path.join(REPO, "bench", "scaling.py"), "--config",
+           os.path.join(REPO, "configs", "tiny", "train.yaml"), "--height", "64", "--width", "64", "--gpus", "1",
+           "2", "--cpu", "--workers", "0", "--steps", "21", "--work", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["gpus"] for r in rows] == [1, 2] and all("error" not in r for r in rows), rows
+    assert all(r["steps"] == 21 and r["clips_per_s"] > 0 and r["step_s"] > 0 for r in rows)
+    assert rows[0]["efficiency"] == 1.0 and rows[1]["efficiency"] > 0
+    for n in (1, 2):
+        assert (tmp_path / "runs" / f"scale-n{n}" / "metrics.jsonl").is_file()
