@@ -6,6 +6,7 @@ naming the file, the network and where the published file comes from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -71,12 +72,15 @@ def _where(spec: PublishedWeights) -> str:
 
 
 def verify_file(path: str | None, spec: PublishedWeights, expected_sha256: str | None = None,
-                verify: bool = True) -> str:
+                verify: bool = True, flag: str | None = None) -> str:
     """Check that `path` exists and matches its checksum; returns its SHA-256.
 
     The expected value is `expected_sha256` (a full hash or a prefix) if given, else the published prefix. With
     verify=False a mismatch is only logged (for random-weight tests and benchmarks, whose numbers mean nothing).
+    `flag` names the setting in messages (default: the evaluate.py flag).
     """
+    if flag is not None:
+        spec = dataclasses.replace(spec, flag=flag)
     if path is None:
         raise FeatureWeightsError(f"{spec.network} weights are required: pass {spec.flag} PATH; vwm cannot "
                                   f"download them ({_where(spec)})")
