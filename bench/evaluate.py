@@ -1,11 +1,12 @@
 """Throughput of the Vista-protocol evaluation on one device: seconds per clip for generation (25x576x1024,
-50 Euler steps, CFG 2.5, one condition frame, action-free), the FID / FVD features of the generated and the real
-clip, and the action score, with random weights of the full-size Vista config and of both feature networks.
-Prints one JSON line per timed clip and a final line with clips/s and the projected wall time of the full
-evaluation set (5369 clips) on one device and on 8.
+50 Euler steps, CFG 2.5, one condition frame, action-free), the FID / FVD features of the generated and the
+real clip, and the action score, with random weights of the full-size Vista config and of both feature
+networks. Prints one JSON line per timed clip and a final line with clips/s and the projected wall time of the
+full evaluation set (5369 clips) on one device and on 8.
 
     python bench/evaluate.py                     # GPU, defaults: the vista protocol, 3 timed clips
-    python bench/evaluate.py --config configs/tiny/model.yaml model.params.num_frames=9 --height 64 --width 64 \
+    python bench/evaluate.py --config configs/tiny/model.yaml model.params.num_frames=9 --height 64 --width 64
+    \
         --frames 9 --steps 2 --fvd_frames 9 --clips 1 --device cpu        # the same code path on a CPU
 
 The clips are toy-world clips rendered at the protocol's size (real frames, the real clip's features and

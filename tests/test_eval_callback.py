@@ -44,9 +44,9 @@ lightning:
         camera: toy
         subset: {{target: vwm.data.toyworld.ToyWorldSubset, params: {{seed: 1, length: 10}}}}
 """)
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--base", os.path.join(REPO, "configs", "tiny", "train.yaml"),
-           str(extra), "--logdir", str(tmp_path / "logs"), "--name", "cb", "--accelerator", "cpu", "--n_devices", "2",
-           "--max_steps", "2"]
+    tiny = os.path.join(REPO, "configs", "tiny", "train.yaml")
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--base", tiny, str(extra), "--logdir",
+           str(tmp_path / "logs"), "--name", "cb", "--accelerator", "cpu", "--n_devices", "2", "--max_steps", "2"]
     result = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600,
                             cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

@@ -136,7 +136,8 @@ def test_shards_split_the_clips_and_the_last_one_writes_the_summary(setup, tmp_p
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clips"] == 3 and summary["weights"] == {}
-    ranks = {json.loads(p.read_text())["index"]: json.loads(p.read_text())["rank"] for p in (out / "clips").glob("*.json")}
+    records = [json.loads(p.read_text()) for p in (out / "clips").glob("*.json")]
+    ranks = {r["index"]: r["rank"] for r in records}
     assert ranks == {0: 0, 1: 1, 2: 0}
 
 

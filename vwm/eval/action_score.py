@@ -8,10 +8,10 @@ and distance travelled are not scored.
 Commanded heading. The trajectory gives the ego position (x forward, y left, metres, frame-0 ego frame) at the
 clip's key frames (vwm.actions.key_frame_indices: 0, 6, 12, 18, 24 of 25 frames), frame 0 at the origin. The
 direction of the chord between key frames k-1 and k is the heading at the chord's middle for any path of
-constant curvature (a circular arc turns symmetrically about its chord), and a second-order approximation of it
-otherwise. So the commanded heading at the middle frame m_k = (key_{k-1} + key_k) / 2 is
-h_k = atan2(y_k - y_{k-1}, x_k - x_{k-1}), defined when the chord is at least `min_chord_m` long (the car
-moves), and the estimate compared with it is the integrated yaw interpolated at frame m_k.
+constant curvature (a circular arc turns symmetrically about its chord), and a second-order approximation of
+it otherwise. So the commanded heading at the middle frame m_k = (key_{k-1} + key_k) / 2 is h_k = atan2(y_k -
+y_{k-1}, x_k - x_{k-1}), defined when the chord is at least `min_chord_m` long (the car moves), and the
+estimate compared with it is the integrated yaw interpolated at frame m_k.
 
 Per clip: the heading error (mean |est - cmd| over the defined chords) and the final headings (last defined
 chord). Over clips (`agreement`): the mean heading error, the rank correlation (Spearman) and the linear

@@ -1,13 +1,14 @@
 """Validation of the action-following score on ground truth, where the true motion is known.
 
     python -m vwm.eval.action_validation toy --clips 64 --frames 8 --height 64 --width 64
-    python -m vwm.eval.action_validation nuscenes --data_root data/nuscenes --anno_file annos/nuScenes_val.json \
+    python -m vwm.eval.action_validation nuscenes --data_root data/nuscenes --anno_file
+    annos/nuScenes_val.json \
         --limit 500
 
-`toy`: toy-world clips under the exploration policy (a random speed, 4-12 m/s, and a random steering angle held
-or ramped over the clip, independent of the road). The true yaw of every frame follows from the bicycle model
-that drives the camera (vwm.data.toyworld), so the estimator is checked against it directly ("exact"), and the
-score is also computed the way generated clips are scored, from the clip's trajectory annotation
+`toy`: toy-world clips under the exploration policy (a random speed, 4-12 m/s, and a random steering angle
+held or ramped over the clip, independent of the road). The true yaw of every frame follows from the bicycle
+model that drives the camera (vwm.data.toyworld), so the estimator is checked against it directly ("exact"),
+and the score is also computed the way generated clips are scored, from the clip's trajectory annotation
 ("annotation"). `nuscenes`: real ground-truth clips of an annotation file against their own trajectories
 (intrinsics: nominal CAM_FRONT). Prints one JSON object; docs/evaluation.md reports the results.
 """

@@ -4,15 +4,16 @@ For each pair of consecutive frames:
 
 1. Correspondences: a regular grid of points tracked with pyramidal Lucas-Kanade (OpenCV), kept where the
    backward track returns within `fb_tolerance_px` of the start.
-2. A planar-motion essential matrix. A car's camera yaws about the vertical axis and moves in the ground plane,
-   so with camera axes x right, y down, z forward, X2 = R_y(psi) (X1 - c) with c = (-sin lam, 0, cos lam):
+2. A planar-motion essential matrix. A car's camera yaws about the vertical axis and moves in the ground
+   plane, so with camera axes x right, y down, z forward, X2 = R_y(psi) (X1 - c), c = (-sin lam, 0, cos lam):
    psi is the yaw (+ = left), lam the direction of the camera's translation (+ = left), and E = R_y(psi) [c]_x
    (Hartley & Zisserman eq. 9.1 with t = -R c). Two unknowns instead of the general essential matrix's five.
 3. A robust fit: (psi, lam) minimise the truncated Sampson error sum_i min(d_i^2, tau^2) (MSAC) over a coarse
    grid, refined twice on finer grids. The search keeps the non-holonomic constraint of a forward-moving car
    whose camera sits ahead of the rear axle: the camera moves sideways the way it turns, by lam / psi between
-   1/2 and 12 (`MotionSettings.lateral_per_yaw`, up to `slip_deg`). This removes the rotation / sideways-translation ambiguity (bas-relief) of narrow, small
-   or blurry frames, where a right yaw with a left slide explains the flow almost as well as a left yaw.
+   1/2 and 4 (`MotionSettings.lateral_per_yaw`, up to `slip_deg`). This removes the rotation /
+   sideways-translation ambiguity (bas-relief) of narrow, small or blurry frames, where a right yaw with a
+   left slide explains the flow almost as well as a left yaw.
 
 Rotation is observable from one camera; the translation's scale is not, so speed is not estimated. Integrating
 psi over the pairs gives the heading of every frame relative to frame 0 (vwm.eval.action_score compares it
@@ -93,8 +94,10 @@ class MotionSettings:
     """Largest angle between the camera's translation and its optical axis searched."""
     lateral_per_yaw: tuple[float, float] = (0.5, 4.0)
     """Range of lam / psi. The rear axle moves along the chord, at psi / 2; a camera a metres ahead of it adds
-    a psi sideways over a step of s metres, so lam / psi = 1/2 + a / s: 0.5 to 2.5 at 10 m/s for a 1.7 m
-    offset (nuScenes CAM_FRONT, the toy world), 10.5 at 2 m/s (12 frames/s). Slower motion barely translates."""
+    a psi sideways over a step of s metres, so lam / psi = 1/2 + a / s: 2.5 at 10 m/s with a 1.7 m offset
+    (nuScenes CAM_FRONT, the toy world) at 12 frames/s, 4 at 6 m/s. Below that speed the true ratio is larger,
+    but the translation is then too small to move the yaw estimate; a wider band (12 was tried) lets the fit
+    trade yaw for sideways motion on small frames (toy 64x64: large turns under-read by 30 %)."""
     slip_deg: float = 1.0
     """Tolerance of that band (sideslip, calibration), degrees."""
 

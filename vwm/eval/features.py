@@ -72,8 +72,8 @@ def build_feature_networks(device: torch.device, metrics: Sequence[str], incepti
                            fid_normalize: str = "torchmetrics") -> FeatureNetworks:
     """The networks the metrics need, loaded from local files (checksums verified), in eval mode on `device`.
 
-    random_weights=True builds them with seeded random weights (`random_init_`) instead (tests and speed benchmarks; the numbers
-    mean nothing and the summary says so).
+    random_weights=True builds them with seeded random weights (`random_init_`) instead (tests and speed
+    benchmarks; the numbers mean nothing and the summary says so).
     """
     nets = FeatureNetworks(device=device, fid_normalize=fid_normalize)
     specs = [("fid", "inception", inception_net.FIDInceptionV3, inception_path, INCEPTION, inception_sha256),

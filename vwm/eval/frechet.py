@@ -6,10 +6,10 @@ Heusel et al. 2017, eq. 6)
     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
 
 The cross term is computed as the trace of the square root of the symmetric positive semi-definite matrix
-S1^1/2 S2 S1^1/2 (it equals tr((S1 S2)^1/2), the form most FID code uses, because S1 S2 is similar to it), with
-both square roots from symmetric eigendecompositions in float64 whose eigenvalues are clamped at zero. So the
-result is real and finite for singular or near-singular covariances (fewer samples than dimensions), where a
-general `sqrtm` of the non-symmetric S1 S2 returns complex values or NaN.
+S1^1/2 S2 S1^1/2 (it equals tr((S1 S2)^1/2), the form most FID code uses, because S1 S2 is similar to it),
+with both square roots from symmetric eigendecompositions in float64 whose eigenvalues are clamped at zero. So
+the result is real and finite for singular or near-singular covariances (fewer samples than dimensions), where
+a general `sqrtm` of the non-symmetric S1 S2 returns complex values or NaN.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def _clean(values: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of a PSD matrix with round-off removed: those below n * eps * max |l| (numpy's matrix_rank
     tolerance) are zero. Without this, the sqrt of the ~eps-sized noise of each null direction adds
     sqrt(eps) to the trace, and identical feature sets would not be at distance 0."""
-    tol = values.numel() * torch.finfo(values.dtype).eps * values.abs().max().clamp(min=torch.finfo(values.dtype).tiny)
+    info = torch.finfo(values.dtype)
+    tol = values.numel() * info.eps * values.abs().max().clamp(min=info.tiny)
     return torch.where(values > tol, values, torch.zeros_like(values))
 
 
@@ -73,8 +74,8 @@ class RunningStats:
     """Streaming first and second moments of feature vectors in float64: add batches in any order, merge shards,
     and read the mean and the unbiased covariance (the statistics FID / FVD compare).
 
-    Sums are taken around a fixed shift (the first batch's mean) so the covariance of features with a large mean
-    keeps its precision: S = (sum d d^T - n m m^T) / (n - 1) with d = x - shift and m = mean(d).
+    Sums are taken around a fixed shift (the first batch's mean) so the covariance of features with a large
+    mean keeps its precision: S = (sum d d^T - n m m^T) / (n - 1) with d = x - shift and m = mean(d).
     """
 
     def __init__(self, dim: int):

@@ -3,13 +3,14 @@ and the summary computed from them.
 
     OUT/run.json                 the run's identity (protocol, model, data); a rerun must match it
     OUT/clips/<name>.npz         features of the generated clip (fid: (F, 2048), fvd<n>: (400,))
-    OUT/clips/<name>.json        the clip's record; its presence marks the clip done (written last, atomically)
+    OUT/clips/<name>.json        the clip's record; its presence marks the clip done (written last,
+    atomically)
     OUT/events.jsonl             one line per clip generated (which run and rank made it)
     OUT/summary.json             FID, FVD, action following, timings (written when every clip is done)
     CACHE/<key>/<name>.npz|json  the same for the real clip, keyed by everything that changes real features
 
-Every file is written to a temporary name and renamed, so a killed process leaves either a complete file or none;
-a clip is generated again only if its record is missing.
+Every file is written to a temporary name and renamed, so a killed process leaves either a complete file or
+none; a clip is generated again only if its record is missing.
 """
 
 from __future__ import annotations

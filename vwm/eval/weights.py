@@ -75,8 +75,9 @@ def verify_file(path: str | None, spec: PublishedWeights, expected_sha256: str |
                 verify: bool = True, flag: str | None = None) -> str:
     """Check that `path` exists and matches its checksum; returns its SHA-256.
 
-    The expected value is `expected_sha256` (a full hash or a prefix) if given, else the published prefix. With
-    verify=False a mismatch is only logged (for random-weight tests and benchmarks, whose numbers mean nothing).
+    The expected value is `expected_sha256` (a full hash or a prefix) if given, else the published prefix.
+    With verify=False a mismatch is only logged (for random-weight tests and benchmarks, whose numbers mean
+    nothing).
     `flag` names the setting in messages (default: the evaluate.py flag).
     """
     if flag is not None:
