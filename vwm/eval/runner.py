@@ -29,6 +29,7 @@ from vwm.eval.action_score import score_clip
 from vwm.eval.egomotion import NUSCENES_CAM_FRONT, Intrinsics
 from vwm.eval.features import FeatureNetworks, build_feature_networks
 from vwm.eval.protocol import PRESETS, Protocol
+from vwm.eval.weights import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +153,25 @@ def measure(frames: torch.Tensor, clip: Clip, protocol: Protocol, nets: FeatureN
     return action, st.feature_arrays(fid, fvd), seconds
 
 
-def _identity(protocol: Protocol, opts: EvalOptions, num_clips: int, nets_weights: dict[str, str],
+def _identity(protocol: Protocol, opts: EvalOptions, nets_weights: dict[str, str],
               intrinsics: Intrinsics) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run identity: must match when resuming; real-feature identity: the cache key's content)."""
-    data = {"dataset": protocol.dataset, "clips": num_clips}
+    """(run identity: must match when resuming; real-feature identity: the cache key's content). Neither holds
+    the clip count, so a run started with --limit can be extended to more clips, reusing what is done."""
+    data: dict[str, Any] = {"dataset": protocol.dataset}
     if protocol.dataset == "NUSCENES":
-        data.update(anno_file=os.path.abspath(opts.anno_file), data_root=os.path.abspath(opts.data_root))
+        data.update(anno_sha256=sha256_of(opts.anno_file), data_root=os.path.abspath(opts.data_root))
     else:
         data.update(toy_seed=opts.toy_seed)
     ckpt = None
     if opts.ckpt is not None:
-        ckpt = {"path": os.path.abspath(opts.ckpt), "bytes": os.path.getsize(opts.ckpt)
-                if os.path.isfile(opts.ckpt) else None}
+        size = os.path.getsize(opts.ckpt) if os.path.isfile(opts.ckpt) else None
+        ckpt = {"path": os.path.abspath(opts.ckpt), "bytes": size}
     real = {"data": data, "height": protocol.height, "width": protocol.width, "fid_skip": protocol.fid_skip_frames,
             "fid_normalize": protocol.fid_normalize, "fvd_frames": list(protocol.fvd_frames),
-            "metrics": list(protocol.metrics), "weights": nets_weights, "intrinsics": dataclasses.asdict(intrinsics)}
-    run = {"protocol": dataclasses.asdict(protocol), "ckpt": ckpt, "config": opts.config, "real": real}
+            "metrics": list(protocol.metrics), "weights": nets_weights,
+            "intrinsics": dataclasses.asdict(intrinsics)}
+    protocol_fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k != "expected_clips"}
+    run = {"protocol": protocol_fields, "ckpt": ckpt, "config": opts.config, "real": real}
     return run, real
 
 
@@ -213,7 +217,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
                                   inception_sha256=opts.inception_sha256, i3d_sha256=opts.i3d_sha256,
                                   verify=not opts.allow_unverified_weights,
                                   random_weights=opts.random_feature_weights, fid_normalize=protocol.fid_normalize)
-    identity, real_identity = _identity(protocol, opts, count, nets.weights, intrinsics)
+    identity, real_identity = _identity(protocol, opts, nets.weights, intrinsics)
     os.makedirs(opts.out, exist_ok=True)
     _check_run_file(os.path.join(opts.out, "run.json"), identity)
     generated = st.ClipStore(os.path.join(opts.out, "clips"))
