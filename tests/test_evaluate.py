@@ -143,6 +143,12 @@ def test_shards_split_the_clips_and_the_last_one_writes_the_summary(setup, tmp_p
     records = [json.loads(p.read_text()) for p in (out / "clips").glob("*.json")]
     ranks = {r["index"]: r["rank"] for r in records}
     assert ranks == {0: 0, 1: 1, 2: 0}
+    # a lost real-feature record is recomputed without generating its clip again
+    next((out / "real_features").glob("*/nuscenes_000001.json")).unlink()
+    (out / "summary.json").unlink()
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0
+    assert (out / "summary.json").exists() and len(_events(out)) == 3
 
 
 def test_user_errors_name_the_flag_the_value_and_what_is_allowed(setup, tmp_path, capsys):

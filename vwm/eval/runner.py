@@ -225,7 +225,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
     real = st.ClipStore(os.path.join(real_root, st.cache_key(real_identity)))
     if not os.path.isfile(os.path.join(real.folder, "identity.json")):
         st.atomic_write_json(os.path.join(real.folder, "identity.json"), real_identity)
-    pending = [i for i in mine if not generated.done(names[i])]
+    pending = [i for i in mine if not (generated.done(names[i]) and real.done(names[i]))]
     if pending and not opts.summarize_only:
         _evaluate_shard(opts, protocol, cfg, dataset, names, pending, generated, real, nets, intrinsics, device,
                         rank, world)
@@ -267,6 +267,7 @@ def _evaluate_shard(opts: EvalOptions, protocol: Protocol, cfg: Any, dataset: An
                disable=rank != 0, dynamic_ncols=True, smoothing=0.1)
     for first in range(0, len(pending), opts.batch_size):
         batch = pending[first:first + opts.batch_size]
+        size = len(batch)
         start = time.perf_counter()
         clips = [dataset.load_clip(i) for i in batch]
         load_s = time.perf_counter() - start
@@ -275,13 +276,18 @@ def _evaluate_shard(opts: EvalOptions, protocol: Protocol, cfg: Any, dataset: An
                 action, arrays, seconds = measure(clip.frames, clip, protocol, nets, intrinsics)
                 real.write(names[i], {"name": names[i], "index": i, "source": clip.source, "action": action,
                                       "seconds": seconds}, arrays)
+        todo = [j for j, i in enumerate(batch) if not generated.done(names[i])]  # real features may be all it lacked
+        if not todo:
+            bar.update(size)
+            continue
+        batch, clips = [batch[j] for j in todo], [clips[j] for j in todo]
         start = time.perf_counter()
         out = generate(model, placement, clips, batch, protocol)
         gen_s = time.perf_counter() - start
         for j, (i, clip) in enumerate(zip(batch, clips)):
             video = out.videos[j]
             action, arrays, seconds = measure(video, clip, protocol, nets, intrinsics)
-            seconds.update(generate=gen_s / len(batch), load=load_s / len(batch))
+            seconds.update(generate=gen_s / len(batch), load=load_s / size)
             seconds["clip"] = seconds["generate"] + seconds["features"] + seconds["action"]
             if opts.save_videos:
                 from vwm.media import write_mp4
@@ -294,9 +300,9 @@ def _evaluate_shard(opts: EvalOptions, protocol: Protocol, cfg: Any, dataset: An
                       "batch": [names[b] for b in batch]}
             generated.write(names[i], record, arrays)
             st.append_event(events, {"name": names[i], "run": run_id, "rank": rank, "time": time.time()})
-        bar.update(len(batch))
+        bar.update(size)
         if rank != 0:
-            log.info("rank %d: %d / %d clips", rank, first + len(batch), len(pending))
+            log.info("rank %d: %d / %d clips", rank, first + size, len(pending))
     bar.close()
 
 
