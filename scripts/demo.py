@@ -8,7 +8,8 @@ the same run (`--resume auto`) and redoes the export and the rollouts. Outputs i
   loss.png                     training loss per step
   steer_left/, steer_right/    per start frame: generated.mp4, ground_truth.mp4, comparison.mp4, frames/
   steer_left_vs_right.mp4      the two generated rollouts of each start frame side by side
-  summary.json                 final loss, lateral motion of every rollout, the verdict
+  summary.json                 final loss, lateral motion of every rollout, the verdict, the action-following
+                               score and the PSNR of the generated frames against the toy world's true future
 """
 
 from __future__ import annotations
@@ -136,15 +137,27 @@ def main() -> int:
              "--n_frames", str(FRAMES), *(f"--{k}={v}" for k, v in SAMPLING.items()), "--batch_size", "8",
              "--actions_json", plan, "--png", "--save", os.path.join(out, name), "--seed", "0"])
     t_rollouts = time.time() - t_rollouts
-    pairs = []
+    from vwm.eval.action_score import agreement, score_clip
+    from vwm.eval.action_validation import toy_intrinsics
+    from vwm.eval.psnr import psnr_per_frame
+
+    camera = toy_intrinsics(HEIGHT, WIDTH)
+    pairs, scores, truth_scores, psnr = [], {}, {}, []
+    for name in ("steer_left", "steer_right"):
+        scores[name], truth_scores[name] = [], []
     for index in args.indices:
         videos = {}
         for name, direction in (("steer_left", 1.0), ("steer_right", -1.0)):
             frames = read_frames(os.path.join(out, name, f"toy_{index:06d}"))
             videos[name] = frames.transpose(0, 2, 3, 1)
-            truth = render_rollout([SPEED_MS] * FRAMES, [direction * STEER_DEG] * FRAMES, seed=TOY_SEED,
-                                   height=HEIGHT, width=WIDTH, start_index=index, num_frames=FRAMES).frames
+            truth_clip = render_rollout([SPEED_MS] * FRAMES, [direction * STEER_DEG] * FRAMES, seed=TOY_SEED,
+                                        height=HEIGHT, width=WIDTH, start_index=index, num_frames=FRAMES)
+            truth = truth_clip.frames
             motions[name][index] = {"generated": lateral_motion(frames), "ground_truth": lateral_motion(truth)}
+            commanded = truth_clip.actions["trajectory"].numpy()
+            scores[name].append(score_clip(frames, commanded, camera))
+            truth_scores[name].append(score_clip(truth.numpy(), commanded, camera))
+            psnr.append(psnr_per_frame(frames[1:], truth.numpy()[1:]))  # frame 0 is the given condition frame
         pairs.append(side_by_side(videos["steer_left"], videos["steer_right"], gap=2))
     write_mp4(np.concatenate(pairs, axis=1), os.path.join(out, "steer_left_vs_right.mp4"), fps=4)
 
@@ -156,6 +169,13 @@ def main() -> int:
     # one-sided sign test: the chance of at least `agree` of n pairs turning the right way if steering had no effect
     p_value = sum(math.comb(len(left), k) for k in range(agree, len(left) + 1)) / 2 ** len(left)
     follows = p_value < 0.05 and float(np.mean(left)) > float(np.mean(right))
+    nan = float("nan")
+    finals = {name: [nan if sc.final_est_deg is None else sc.final_est_deg for sc in scores[name]] for name in scores}
+    commanded = {name: scores[name][0].final_cmd_deg for name in scores}
+    heading_agree = sum(a > b for a, b in zip(finals["steer_left"], finals["steer_right"]))
+    following = agreement(scores["steer_left"] + scores["steer_right"])
+    following_truth = agreement(truth_scores["steer_left"] + truth_scores["steer_right"])
+    psnr_frames = np.mean(psnr, axis=0)
     summary = {
         "steps": n_steps, "loss_first_10pct": first, "loss_last_10pct": last, "sampling": SAMPLING,
         "lateral_motion": motions,
@@ -165,6 +185,18 @@ def main() -> int:
         "start_frames_where_left_turns_more_left_than_right": f"{agree}/{len(left)}",
         "sign_test_p_value": p_value,
         "follows_steering": follows,
+        "action_following": {
+            "measure": "vwm.eval.action_score: heading of the camera estimated from the generated frames "
+                       "(planar-motion essential matrix on tracked points, toy camera intrinsics) against the "
+                       "heading the commanded trajectory implies, degrees, + = left",
+            "final_heading_deg": {name: {"commanded": commanded[name], "generated": finals[name]} for name in finals},
+            "start_frames_where_left_heads_more_left_than_right": f"{heading_agree}/{len(left)}",
+            "generated": following, "ground_truth": following_truth,
+        },
+        "psnr_db_per_frame": [float(v) for v in psnr_frames],
+        "psnr_db_mean": float(psnr_frames.mean()),
+        "psnr_measure": "vwm.eval.psnr against the toy world's true future under the same actions, frames 1.., "
+                        "averaged over start frames and both steering directions",
         "seconds": round(time.time() - t0, 1), "seconds_training": round(t_train, 1),
         "seconds_rollouts": round(t_rollouts, 1),
     }
@@ -176,6 +208,17 @@ def main() -> int:
           f"(ground truth {np.mean([m['ground_truth'] for m in motions['steer_left'].values()]):+.4f} / "
           f"{np.mean([m['ground_truth'] for m in motions['steer_right'].values()]):+.4f}); "
           f"left > right on {agree}/{len(left)} start frames (sign test p = {p_value:.3f})")
+    def deg(value: float | None) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:+.1f}"
+
+    print(f"action following (camera heading estimated from the frames vs the commanded trajectory): steer left "
+          f"{deg(float(np.nanmean(finals['steer_left'])))} deg (commanded {deg(commanded['steer_left'])}), steer "
+          f"right {deg(float(np.nanmean(finals['steer_right'])))} deg (commanded {deg(commanded['steer_right'])}); "
+          f"heading error {deg(following['heading_error_deg']).lstrip('+')} deg (ground-truth frames: "
+          f"{deg(following_truth['heading_error_deg']).lstrip('+')}); left heads more left than right on "
+          f"{heading_agree}/{len(left)} start frames")
+    print("PSNR against the true future, frames 1-{}: {} dB (mean {:.2f} dB)".format(
+        FRAMES - 1, " ".join(f"{v:.1f}" for v in psnr_frames), psnr_frames.mean()))
     print("the rollouts follow the steering (better than chance, p < 0.05)" if follows else
           "the rollouts do not follow the steering better than chance: more training steps are needed (README)")
     print(f"outputs in {out}: loss.png, steer_left_vs_right.mp4, steer_left/, steer_right/, summary.json "

@@ -26,6 +26,15 @@ def test_demo_script_runs_end_to_end_and_reports_its_verdict(tmp_path):
     for index in (0, 1):  # the measure orders the ground truth the commanded way
         motion = summary["lateral_motion"]
         assert motion["steer_left"][str(index)]["ground_truth"] > motion["steer_right"][str(index)]["ground_truth"]
+    # the action-following score of the rollouts and their PSNR against the toy world's true future
+    following = summary["action_following"]
+    assert following["start_frames_where_left_heads_more_left_than_right"].endswith("/2")
+    assert following["generated"]["clips"] == 4 and following["ground_truth"]["clips"] == 4
+    truth = following["final_heading_deg"]
+    assert truth["steer_left"]["commanded"] > 5 > -5 > truth["steer_right"]["commanded"]
+    assert following["ground_truth"]["turn_direction_accuracy"] == 1.0  # the estimator reads the true future right
+    assert len(summary["psnr_db_per_frame"]) == 7 and 0 < summary["psnr_db_mean"] < 100
+    assert "action following" in result.stdout and "PSNR against the true future" in result.stdout
     for name in ("loss.png", "steer_left_vs_right.mp4", "toyworld.safetensors"):
         assert (out / name).stat().st_size > 0
     assert len(list((out / "steer_left" / "toy_000001" / "frames").glob("generated_*.png"))) == 8
