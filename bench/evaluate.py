@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--low_vram", action="store_true")
+    p.add_argument("--compile", action="store_true", help="compile the UNet's layers (evaluate.py's CUDA default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -67,7 +68,7 @@ def main() -> None:
     model = build_model(load_config(args.config, args.overrides), device=device)
     if model.num_frames != args.frames:
         raise SystemExit(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's)")
-    placement = Placement(model, device, low_vram=args.low_vram)
+    placement = Placement(model, device, low_vram=args.low_vram, compile_unet=args.compile)
     nets = build_feature_networks(device, protocol.metrics, random_weights=True)
     data = ToyWorldSubset(args.frames, args.height, args.width, length=1000, seed=1)
     intrinsics = toy_intrinsics(args.height, args.width)

@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", type=int, default=1, help="clips generated together")
     run.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK, else cpu), cpu, cuda:N")
     run.add_argument("--low_vram", action="store_true", help="only the module in use on the GPU")
+    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                     help="torch.compile the UNet's layers (auto: on CUDA), as sample.py --compile")
     run.add_argument("--save_videos", action="store_true", help="also write OUT/videos/<clip>.mp4")
     run.add_argument("--summarize_only", action="store_true", help="recompute summary.json from the records")
     run.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",

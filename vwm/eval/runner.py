@@ -59,6 +59,7 @@ class EvalOptions:
     batch_size: int = 1
     device: str = "auto"
     low_vram: bool = False
+    compile: str = "auto"
     intrinsics: list[float] | None = None
     save_videos: bool = False
     summarize_only: bool = False
@@ -259,7 +260,8 @@ def _evaluate_shard(opts: EvalOptions, protocol: Protocol, cfg: Any, dataset: An
     from vwm.rollout import Placement
 
     model = load_model(SampleOptions(ckpt=opts.ckpt, config=opts.config), cfg)
-    placement = Placement(model, device, low_vram=opts.low_vram)
+    compile_unet = opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
+    placement = Placement(model, device, low_vram=opts.low_vram, compile_unet=compile_unet)
     run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     events = os.path.join(opts.out, "events.jsonl")
