@@ -51,11 +51,17 @@ def test_no_weights_is_refused_and_the_source_is_said_loudly(tmp_path, capsys, m
     code, out, _ = _dry(capsys, *base, "--from-scratch")
     assert code == 0 and "# weights: RANDOM initialisation" in out
     # The reference's default, when present in the working directory, is used and named.
+    from safetensors.torch import save_file
+
     (tmp_path / "ckpts").mkdir()
-    (tmp_path / "ckpts" / "svd_xt.safetensors").write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "ckpts" / "svd_xt.safetensors"))  # embeds no config, like SVD's
     code, out, _ = _dry(capsys, *base)
     assert code == 0
     assert "# weights: initialised from ckpts/svd_xt.safetensors (no --finetune given: the reference's default" in out
+    assert "embeds no config: its tensors are checked when a run loads it" in out
+    (tmp_path / "ckpts" / "svd_xt.safetensors").write_bytes(b"not safetensors")
+    code, _, err = _dry(capsys, *base)
+    assert code == 2 and "not a readable safetensors file" in err
     code, _, err = _dry(capsys, *base, "--from-scratch", "--finetune", "ckpts/svd_xt.safetensors")
     assert code == 2 and "choose the starting weights or random ones" in err
 

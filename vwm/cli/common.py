@@ -47,12 +47,10 @@ def strip_debug(argv: Sequence[str], short: bool = False) -> list[str]:
 
 def one_line(err: BaseException) -> str:
     """The message of an error on one line (OS errors as 'reason: path')."""
-    if isinstance(err, OSError) and err.strerror and err.filename and not err.args[1:] == ():
+    if isinstance(err, OSError) and err.strerror and err.filename:  # raised by the OS: "[Errno 2] ..."
         text = f"{err.strerror}: {err.filename}"
     else:
         text = str(err) or type(err).__name__
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
     return " ".join(text.split())
 
 

@@ -31,9 +31,11 @@ def parameter_table(model) -> tuple[list[str], int, int, int]:
 def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     """Report for --dry-run (the model is built on the meta device; nothing is allocated). Raises what a real run
     would raise at start-up (missing weights or data, bad launch values)."""
-    from vwm.training.preflight import check_data, describe_loggers, initial_weights, resolve_launch
+    from vwm.training.preflight import (check_data, check_weights_config, describe_loggers, initial_weights,
+                                        resolve_launch)
 
     weights = initial_weights(cfg, finetune=opts.finetune, from_scratch=opts.from_scratch, resume=resume)
+    weights_note = check_weights_config(weights, cfg.model)
     # Planning usually happens on a machine without the GPUs: assume the GPU default unless told cpu.
     launch = resolve_launch(cfg, accelerator=opts.accelerator, n_devices=opts.n_devices, num_nodes=opts.num_nodes,
                             precision=opts.precision, planning=True)
@@ -57,6 +59,7 @@ def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
         "",
         f"# run directory: {run_dir}" + (f" (resuming {resume})" if resume else ""),
         f"# {weights.describe()}",
+        *([f"#   {weights_note}"] if weights_note else []),
         f"# launch: {launch.describe()}; strategy {strategy}",
         *(f"# {line}" for line in data_plan.lines),
         f"# {describe_loggers(cfg)}",

@@ -82,6 +82,26 @@ def initial_weights(cfg: DictConfig, *, finetune: str | None, from_scratch: bool
         "starts from the previous phase's bin_to_st.py export), or --from-scratch to train from random weights")
 
 
+def check_weights_config(weights: InitialWeights, model_config: Any) -> str | None:
+    """For the dry run: compare the config a safetensors export embeds with the training config (the handoff
+    check a real run does when it loads the file); returns a note when the file carries no config."""
+    if weights.source not in ("finetune", "default") or not str(weights.path).endswith(".safetensors"):
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    from vwm.checkpoint import CheckpointError, check_handoff, read_config_metadata
+
+    try:
+        with safe_open(weights.path, framework="pt", device="cpu") as f:
+            embedded = read_config_metadata(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights.path}: not a readable safetensors file ({err})") from err
+    if embedded is None:
+        return f"{weights.path} embeds no config: its tensors are checked when a run loads it"
+    check_handoff(embedded["model"], to_container(model_config), str(weights.path))
+    return f"{weights.path}: its embedded model config fits this phase"
+
+
 # ----------------------------------------------------------------------------------------------------- launch
 
 
