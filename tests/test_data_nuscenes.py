@@ -76,16 +76,21 @@ def test_builder_values_match_the_fixture_geometry(built):
     assert entries[-1]["z"] < 0 and entries[-1]["goal"] == [-1.0, -1.0]  # standing still: goal behind camera
 
 
-def test_builder_errors(built, tmp_path):
+def test_builder_errors(built, tmp_path, capsys):
     root = built[0]
     result = _run_builder("--dataroot", str(root), "--version", "v1.0-mini", "--split", "mini_val",
                           "--out", str(tmp_path / "x.json"))
-    assert result.returncode != 0 and "--split='mini_val' has no scene in 'v1.0-mini'" in result.stderr
-    with pytest.raises(FileNotFoundError, match="has no table folder 'v1.0-trainval'"):
-        nuscenes_main(["build", "--dataroot", str(root), "--out", str(tmp_path / "x.json")])
-    with pytest.raises(FileNotFoundError, match="has no can_bus/ folder"):
-        nuscenes_main(["build", "--dataroot", str(root), "--version", "v1.0-mini", "--can-bus-root",
-                       str(tmp_path), "--out", str(tmp_path / "x.json")])
+    assert result.returncode == 2 and "--split='mini_val' has no scene in 'v1.0-mini'" in result.stderr
+    assert "Traceback" not in result.stderr  # one line; --debug or VWM_DEBUG=1 shows the traceback
+    assert nuscenes_main(["build", "--data_root", str(root), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "has no table folder 'v1.0-trainval'; present: v1.0-mini (pass --version v1.0-mini)" in err
+    assert err.startswith("python -m vwm.data.nuscenes: error: ") and len(err.strip().splitlines()) == 1
+    assert nuscenes_main(["build", "--data_root", str(root), "--version", "v1.0-mini", "--can_bus_root",
+                          str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "has no can_bus/ folder" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="has no table folder"):
+        nuscenes_main(["build", "--data_root", str(root), "--out", str(tmp_path / "x.json"), "--debug"])
 
 
 def test_reader_normalises_the_built_annotations(built):

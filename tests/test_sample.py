@@ -273,12 +273,25 @@ def test_sigma_flags_set_the_noise_schedule(ckpt, tmp_path, monkeypatch):
     assert not np.array_equal(runs["default"][1:], runs["demo"][1:])
 
 
-def test_config_is_needed_when_the_checkpoint_has_none(ckpt, tmp_path, capsys):
+def test_a_checkpoint_without_config_gets_the_shipped_config_of_its_layout(ckpt, tmp_path, capsys, caplog):
+    # The released vista.safetensors embeds no config (issue #14.2): the shipped config whose tensor names and
+    # shapes it matches exactly is used; here the bare tiny weights match configs/tiny/model.yaml.
     args = ["--ckpt", ckpt[1], "--dataset", "TOY", "--index", "0", "--save", str(tmp_path / "o"), *FAST]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "carries no model config" in err and "pass --config" in err
+    assert main(args) == 0
+    assert "match configs/tiny/model.yaml exactly" in caplog.text
+    with open(tmp_path / "o" / "run.json") as f:
+        assert json.load(f)["config"].startswith("configs/tiny/model.yaml")
     assert main(args + ["--config", TINY_MODEL]) == 0
+    # Weights of no shipped layout still need --config.
+    from safetensors.torch import load_file
+
+    state = load_file(ckpt[1])
+    state.pop(sorted(state)[0])
+    odd = str(tmp_path / "odd.safetensors")
+    save_file(state, odd)
+    assert main(["--ckpt", odd, "--dataset", "TOY", "--index", "0", "--save", str(tmp_path / "p"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "carries no model config" in err and "matches none of" in err and "pass --config" in err
 
 
 @pytest.mark.parametrize("args, message", [

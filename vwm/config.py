@@ -23,10 +23,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+INJECTED_SECTIONS = ("lightning.logger",)
+"""Config sections whose nodes receive some required arguments from the trainer (a logger's save_dir)."""
+
 RESERVED_KEYS = frozenset({"target", "params", "base_learning_rate"})
 """Node keys that are not constructor arguments."""
 
-ALLOWED_TARGET_PREFIXES = ("vwm.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.")
+ALLOWED_TARGET_PREFIXES = ("vwm.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.",
+                           "pytorch_lightning.loggers.")
 """Targets are resolved only inside these packages: a config cannot import arbitrary code."""
 
 
@@ -98,6 +102,10 @@ BASE_KEY = "_base_"
 
 
 def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    if not chain:
+        from vwm.resources import find_config
+
+        path = find_config(path)
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{BASE_KEY} cycle: {' -> '.join(str(p) for p in (*chain, path))}")
@@ -122,11 +130,69 @@ def apply_override(cfg: DictConfig, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    key = _resolve_named_items(cfg, key, item)
     value = OmegaConf.from_dotlist([f"v={text}"])["v"]
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=True)
     except Exception as exc:  # omegaconf raises several types for a path that does not fit the config
         raise ConfigError(f"override {item!r} cannot be applied: {exc}") from exc
+
+
+def _item_names(item: Any) -> set[str]:
+    """Names a list item answers to in an override path: a plain string item is its own name (the reference's
+    subset names); a node answers to its class name and to the reference name mapped to its class."""
+    if isinstance(item, str):
+        return {item}
+    if isinstance(item, DictConfig) and isinstance(item.get("target"), str):
+        target = item.target
+        names = {target.rsplit(".", 1)[-1]}
+        for name, (ref_target, _) in _reference_subsets().items():
+            if ref_target == target:
+                names.add(name)
+        return names
+    return set()
+
+
+def _reference_subsets() -> dict[str, tuple[str, dict[str, str]]]:
+    from vwm.data.datamodule import REFERENCE_SUBSETS
+
+    return REFERENCE_SUBSETS
+
+
+def _resolve_named_items(cfg: DictConfig, key: str, item: str) -> str:
+    """Replace list-item names in an override key by their index: `data.params.subsets.NuScenes.data_root=/x`
+    points the subset named NuScenes (a reference name, expanded to its {target, params} node with the
+    reference's defaults, or a node of that class) at /x without retyping the list."""
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, ListConfig) and not part.lstrip("-").isdigit():
+            matches = [j for j, value in enumerate(node) if part in _item_names(value)]
+            if len(matches) != 1:
+                names = sorted(set().union(*(_item_names(v) for v in node))) if len(node) else []
+                problem = "matches several items" if matches else "names no item"
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} {problem} of "
+                                  f"{'.'.join(parts[:i]) or '<root>'}; names there: {names}, or use the index "
+                                  f"0..{len(node) - 1}")
+            j = matches[0]
+            value = node[j]
+            if isinstance(value, str) and value in _reference_subsets():
+                target, params = _reference_subsets()[value]
+                node[j] = {"target": target, "params": dict(params)}
+            parts[i] = part = str(j)
+            if is_node(node[j]) and parts[i + 1] not in RESERVED_KEYS:
+                parts.insert(i + 1, "params")  # `subsets.NuScenes.data_root` means its params.data_root
+                return _resolve_named_items(cfg, ".".join(parts), item)
+        if isinstance(node, ListConfig):
+            index = int(part)
+            node = node[index] if -len(node) <= index < len(node) else None
+        elif isinstance(node, DictConfig):
+            node = node.get(part)
+        else:
+            node = None
+        if node is None:
+            break
+    return ".".join(parts)
 
 
 def load_config(paths: str | Path | Iterable[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
@@ -142,6 +208,9 @@ def load_config(paths: str | Path | Iterable[str | Path], overrides: Sequence[st
         apply_override(cfg, item)
     resolve_aliases(cfg)
     validate(cfg)
+    from vwm.schema import validate_sections
+
+    validate_sections(cfg)
     return cfg
 
 
@@ -240,7 +309,8 @@ def validate(node: Any, path: str = "", injected: bool = False) -> None:
     """
     if isinstance(node, (Mapping, DictConfig)):
         if is_node(node):
-            _validate_node(node, path, injected)
+            # Loggers get save_dir (the run directory) from train.py when their node does not set it.
+            _validate_node(node, path, injected or path.startswith(INJECTED_SECTIONS))
             return
         for key, value in node.items():
             validate(value, f"{path}.{key}" if path else str(key), injected)

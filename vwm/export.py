@@ -285,6 +285,14 @@ def prefix_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, i
     return {k: (n, numel) for k, (n, numel) in sorted(counts.items())}
 
 
+def honour_umask(path: str) -> None:
+    """Give a file the permissions a plain `open()` would (0666 minus the umask): safetensors creates its files
+    0600, which other users of a shared checkpoint folder cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -453,6 +461,7 @@ def _publish_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     tmp = os.path.join(folder, f".{stem}.tmp-{os.getpid()}.safetensors")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        honour_umask(tmp)
         _fsync(tmp)
         tensors.clear()
         result.verification = verify_export(tmp, config, reference, opts.dtype)

@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
                    help="training config of SRC (YAML files, then a.b=c overrides); default: the run's "
                         "config.yaml when SRC is inside logs/<run>/checkpoints, else the config a "
                         "safetensors SRC embeds")
+    p.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")
     p.add_argument("--frozen-from", metavar="PATH", default=None,
                    help="the weights the phase started from (its --finetune file): frozen weights DeepSpeed "
                         "stored in reduced precision (bf16 training) are restored to their exact fp32 values")
@@ -47,24 +48,26 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, export, print the summary; returns the exit code."""
+    """Parse arguments, export, print the summary; returns the exit code (2 for a user error, 1 for a failed
+    verification)."""
     import vwm  # noqa: F401  (torchvision shim before Lightning / DeepSpeed)
-    from vwm.checkpoint import CheckpointError
+    from vwm.cli.common import quiet, run_cli
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet()
+    return run_cli("bin_to_st.py", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from vwm.export import ExportOptions, VerificationError, export_checkpoint
 
+    args = vars(parser().parse_args(argv))
+    args.pop("debug")
     try:
-        args = parser().parse_args(argv)
-    except SystemExit as exit_:  # argparse's usage errors (2) and --help (0)
-        return int(exit_.code or 0)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = export_checkpoint(ExportOptions(**vars(args)))
+        result = export_checkpoint(ExportOptions(**args))
     except VerificationError as err:
         print(f"bin_to_st.py: verification failed: {err}", file=sys.stderr)
         return EXIT_VERIFICATION
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"bin_to_st.py: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     print(result.summary())
     return 0
 

@@ -38,13 +38,23 @@ GT_PAD_VALUE = 127
 """Grey frames that pad the ground truth of the comparison video beyond the clip's frames."""
 DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX = 0.002, 700.0
 """--sigma_min / --sigma_max defaults: the reference's schedule (vwm.rollout.SIGMA_MIN, SIGMA_MAX)."""
+DEFAULT_CKPT = "ckpts/vista.safetensors"
+"""--ckpt default: the reference's (VERSION2SPECS['vwm'])."""
+LAYOUT_CONFIGS = ("configs/inference/vista.yaml", "configs/inference/svd_xt.yaml", "configs/tiny/model.yaml")
+"""Shipped model configs tried, in order, for a checkpoint that embeds none (the released vista.safetensors,
+svd_xt.safetensors): the first whose tensor names and shapes the checkpoint matches exactly is used."""
+VISTA_FLAGS: dict[str, str] = {
+    "--version": "vwm has no model registry: --ckpt FILE (default ckpts/vista.safetensors) chooses the weights and "
+                 "their config comes from the file (or --config)",
+}
+"""The reference's sample.py flags vwm does not take, with what to use instead (--rand_gen is accepted)."""
 
 
 @dataclass
 class SampleOptions:
     """Everything a sampling run needs (the CLI flags)."""
 
-    ckpt: str
+    ckpt: str = DEFAULT_CKPT
     config: list[str] | None = None
     dataset: Dataset = "NUSCENES"
     data_root: str = "data/nuscenes"
@@ -89,8 +99,10 @@ def parser(reward: bool = False) -> argparse.ArgumentParser:
         prog="sample.py reward" if reward else "sample.py",
         description="Ensemble reward exp(-mean ensemble variance) of a world model." if reward else
         "Generate videos with a world model; `sample.py reward ...` estimates rewards (docs/sampling.md).")
-    p.add_argument("--ckpt", required=True, help="weights: vwm safetensors export (carries its config), "
-                   "safetensors, .bin, .ckpt or a DeepSpeed checkpoint dir")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT,
+                   help=f"weights (default {DEFAULT_CKPT}, as in the reference): a vwm safetensors export (carries its "
+                   "config), the released vista.safetensors / svd_xt.safetensors (config found from their layout), "
+                   ".bin, .ckpt or a DeepSpeed checkpoint dir")
     p.add_argument("--config", nargs="+", metavar="YAML",
                    help="model config(s); overrides the config embedded in the checkpoint")
     p.add_argument("--dataset", choices=["NUSCENES", "IMG", "TOY"], default="NUSCENES")
@@ -124,6 +136,10 @@ def parser(reward: bool = False) -> argparse.ArgumentParser:
     which.add_argument("--n_samples", type=int, default=None, help="number of clips (default: all)")
     which.add_argument("--index", type=int, nargs="+", default=None, help="these dataset indices only")
     p.add_argument("--random_order", action="store_true", help="a seeded permutation instead of 0, 1, 2, ...")
+    p.add_argument("--rand_gen", action="store_true",
+                   help="accepted for the reference's commands, where it meant sequential order: vwm's default "
+                   "(the reference's default random order never ended; use --random_order for a seeded one)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")
     p.add_argument("--save", default="outputs", help="output directory")
     p.add_argument("--low_vram", action="store_true",
                    help="only the module in use on the GPU, small decode windows, bf16 UNet")
@@ -177,7 +193,11 @@ def check_options(opts: SampleOptions) -> None:
         if not os.path.isfile(opts.actions_json):
             raise FileNotFoundError(f"--actions_json={opts.actions_json!r} is not an existing file")
     if not os.path.exists(opts.ckpt):
-        raise FileNotFoundError(f"--ckpt={opts.ckpt!r} does not exist")
+        from vwm.training.preflight import WEIGHTS_SOURCES
+
+        source = WEIGHTS_SOURCES.get(os.path.basename(opts.ckpt))
+        raise FileNotFoundError(f"--ckpt={opts.ckpt!r} does not exist" + (
+            f" (default {DEFAULT_CKPT}; download it from {source}, or pass --ckpt)" if source else ""))
     if opts.dataset == "NUSCENES":
         if not os.path.isdir(opts.data_root):
             raise FileNotFoundError(f"--data_root={opts.data_root!r} is not an existing directory")
@@ -230,13 +250,42 @@ def model_config(opts: SampleOptions) -> tuple[Any, str]:
         with safe_open(opts.ckpt, framework="pt", device="cpu") as f:
             embedded = read_config_metadata(f.metadata() or {})
     if embedded is None:
-        raise ValueError(f"--ckpt={opts.ckpt!r} carries no model config (safetensors metadata 'vwm_config', "
-                         "written by bin_to_st.py); pass --config, e.g. "
-                         "--config configs/inference/vista.yaml")
+        return layout_config(opts.ckpt)
     cfg = OmegaConf.create(embedded)
     resolve_aliases(cfg)
     validate(cfg)
     return cfg, f"embedded in {opts.ckpt}"
+
+
+def layout_config(ckpt: str) -> tuple[Any, str]:
+    """The shipped config (LAYOUT_CONFIGS) whose tensor names and shapes a config-less checkpoint matches, as for
+    the released vista.safetensors; an error naming --config otherwise."""
+    from vwm.config import build_model, load_config
+    from vwm.resources import find_config
+
+    shapes = None
+    if ckpt.endswith(".safetensors") and os.path.isfile(ckpt):
+        from safetensors import safe_open
+
+        with safe_open(ckpt, framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    tried = []
+    for name in LAYOUT_CONFIGS if shapes is not None else ():
+        path = find_config(name)
+        if not os.path.isfile(path):
+            continue
+        cfg = load_config(path)
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()
+                    if not k.startswith("model_ema.")}
+        if expected == shapes:
+            log.warning("--ckpt %s carries no config; its tensors match %s exactly: using it (--config chooses "
+                        "another)", ckpt, name)
+            return cfg, f"{name} (matches the layout of {ckpt})"
+        tried.append(name)
+    raise ValueError(f"--ckpt={ckpt!r} carries no model config (safetensors metadata 'vwm_config', written by "
+                     "bin_to_st.py)" + (f" and matches none of {tried}" if tried else "") +
+                     "; pass --config with the model config it was trained with, e.g. "
+                     "--config configs/inference/vista.yaml")
 
 
 def configured_frames(cfg: Any) -> int:
@@ -509,24 +558,28 @@ def run(opts: SampleOptions) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print a one-line summary; returns the exit code (2 for a user error)."""
     import vwm  # noqa: F401  (torchvision shim before Lightning / open_clip)
-    from vwm.checkpoint import CheckpointError
+    from vwm.cli.common import quiet, run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     reward = bool(argv) and argv[0] == "reward"
     prog = "sample.py reward" if reward else "sample.py"
-    try:
-        args = parser(reward).parse_args(argv[1:] if reward else argv)
-    except SystemExit as exit_:  # argparse's own usage errors (2) and --help (0)
-        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet()
+    return run_cli(prog, lambda a: _main(a, reward), argv[1:] if reward else argv)
+
+
+def _main(argv: list[str], reward: bool) -> int:
+    flag = next((a.partition("=")[0] for a in argv if a.partition("=")[0] in VISTA_FLAGS), None)
+    if flag is not None:
+        raise ValueError(f"{flag} is not a vwm flag: {VISTA_FLAGS[flag]}")
+    args = parser(reward).parse_args(argv)
     if args.action is None and args.actions_json is None:
         args.action = "traj" if reward else "free"
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opts = SampleOptions(**vars(args))
-    try:
-        summary = run(opts)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    if args.rand_gen:
+        log.info("--rand_gen: sequential order, vwm's default")
+    values = {k: v for k, v in vars(args).items() if k not in ("rand_gen", "debug")}
+    opts = SampleOptions(**values)
+    summary = run(opts)
     if opts.dry_run:
         print(json.dumps(summary, indent=1))
         return 0

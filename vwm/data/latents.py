@@ -28,7 +28,9 @@ from vwm.data.video import to_unit_range
 log = logging.getLogger(__name__)
 
 FORMAT = "vwm-latent-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: clips that a subset repeats (nuScenes re-balancing) are stored once (`clips.stored`); 1 is still read."""
+READABLE_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 MomentsDType = Literal["fp32", "bf16", "fp16"]
 MOMENTS_DTYPES: dict[str, torch.dtype] = {
@@ -104,6 +106,13 @@ def encode_moments(first_stage: nn.Module, frames: torch.Tensor, frames_per_call
     return torch.cat([first_stage.encoder(part) for part in x.split(frames_per_call)])
 
 
+def _save_shard(tensors: dict[str, torch.Tensor], path: str) -> None:
+    from vwm.export import honour_umask
+
+    save_file(tensors, path, metadata={"format": FORMAT})
+    honour_umask(path)
+
+
 def _write_atomic(path: str, write: Any) -> int:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     write(tmp)
@@ -156,7 +165,9 @@ def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard
     os.makedirs(out_dir, exist_ok=True)
 
     shards: list[dict[str, Any]] = []
-    clips: dict[str, list[Any]] = {"subset": [], "index": [], "source": []}
+    clips: dict[str, list[Any]] = {"subset": [], "index": [], "source": [], "stored": []}
+    stored_at: dict[tuple[int, Any], int] = {}  # (subset, clip_key) -> number of the clip holding its tensors
+    encoded = 0
     skipped: list[dict[str, Any]] = []
     pending: dict[str, torch.Tensor] = {}
     latent_shape: list[int] | None = None
@@ -165,13 +176,23 @@ def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard
     def flush() -> None:
         first = shards[-1]["first"] + shards[-1]["count"] if shards else 0
         path = os.path.join(out_dir, shard_file(len(shards)))
-        size = _write_atomic(path, lambda tmp: save_file(pending, tmp, metadata={"format": FORMAT}))
+        size = _write_atomic(path, lambda tmp: _save_shard(pending, tmp))
         shards.append({"file": os.path.basename(path), "first": first, "count": len(clips["source"]) - first,
                        "bytes": size})
         pending.clear()
 
+    # A shard holds the tensors of the clips numbered [first, first + count); copies point to earlier numbers.
+
     for s, subset in enumerate(subsets):
+        key_of = getattr(subset, "clip_key", None)
         for index in range(len(subset)):
+            key = (s, key_of(index) if callable(key_of) else index)
+            if key in stored_at:  # a re-balanced copy: same tensors, encoded once
+                clips["subset"].append(s)
+                clips["index"].append(index)
+                clips["source"].append(clips["source"][stored_at[key]])
+                clips["stored"].append(stored_at[key])
+                continue
             try:
                 clip = subset.load_clip(index)
             except BrokenSampleError as exc:
@@ -185,6 +206,8 @@ def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard
             moments = encode_moments(first_stage, clip.frames, chunk, device).to("cpu", MOMENTS_DTYPES[dtype])
             latent_shape = latent_shape or list(moments.shape)
             number = len(clips["source"])
+            stored_at[key] = number
+            encoded += 1
             pending[f"{number}.moments"] = moments.contiguous()
             pending[f"{number}.frame0"] = clip.frames[0].clone()
             for key, value in clip.actions.items():
@@ -192,18 +215,19 @@ def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard
             clips["subset"].append(s)
             clips["index"].append(index)
             clips["source"].append(clip.source)
-            if len(clips["source"]) % shard_size == 0:
+            clips["stored"].append(number)
+            if encoded % shard_size == 0:
                 flush()
-            if len(clips["source"]) % 100 == 0:
-                log.info("encoded %d clips (%.2f clips/s)", len(clips["source"]),
-                         len(clips["source"]) / (time.monotonic() - start))
+            if encoded % 100 == 0:
+                log.info("encoded %d clips (%.2f clips/s)", encoded, encoded / (time.monotonic() - start))
     if pending:
         flush()
     if not clips["source"]:
         raise ValueError(f"no clip could be encoded: {len(skipped)} broken samples in data.params.subsets")
     index = {
         "format": FORMAT, "version": FORMAT_VERSION, "num_clips": len(clips["source"]),
-        "num_frames": num_frames, "height": height, "width": width, "latent_shape": latent_shape,
+        "num_encoded": encoded, "num_frames": num_frames, "height": height, "width": width,
+        "latent_shape": latent_shape,
         "moments_dtype": dtype,
         "first_stage": {"identity": identity, "weights": os.path.abspath(ckpt) if ckpt else None,
                         "config": OmegaConf.to_container(cfg.model.params.first_stage_config, resolve=True),
@@ -216,8 +240,8 @@ def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard
             json.dump(index, f)
 
     _write_atomic(os.path.join(out_dir, INDEX_FILE), write_index)
-    log.info("latent cache %s: %d clips in %d shards, %d skipped, %.1f s", out_dir, index["num_clips"],
-             len(shards), len(skipped), time.monotonic() - start)
+    log.info("latent cache %s: %d clips (%d encoded, the rest re-balanced copies) in %d shards, %d skipped, "
+             "%.1f s", out_dir, index["num_clips"], encoded, len(shards), len(skipped), time.monotonic() - start)
     return index
 
 
@@ -235,10 +259,11 @@ def read_index(cache_dir: str) -> dict[str, Any]:
             index = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); rebuild the cache") from err
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") not in READABLE_VERSIONS:
         found = ((index.get("format"), index.get("version")) if isinstance(index, dict)
                  else type(index).__name__)
-        raise ValueError(f"{path}: format {found!r} is not ({FORMAT!r}, {FORMAT_VERSION}); rebuild the cache")
+        raise ValueError(f"{path}: format {found!r} is not ({FORMAT!r}, one of {READABLE_VERSIONS}); rebuild the "
+                         "cache")
     for shard in index["shards"]:
         if os.path.basename(shard["file"]) != shard["file"]:
             raise ValueError(f"{path}: shard name {shard['file']!r} must be a file name inside {cache_dir}")
@@ -282,6 +307,7 @@ class LatentCacheSubset:
         self.latent_shape = tuple(index["latent_shape"])
         self.moments_dtype = MOMENTS_DTYPES[index["moments_dtype"]]
         self._sources = index["clips"]["source"]
+        self._stored = index["clips"].get("stored") or list(range(len(self._sources)))
         self._clips = [i for i, s in enumerate(index["clips"]["subset"]) if subset is None or s == subset]
         self._shard_first = [shard["first"] for shard in index["shards"]]
         self._shard_files = [os.path.join(cache_dir, shard["file"]) for shard in index["shards"]]
@@ -293,7 +319,8 @@ class LatentCacheSubset:
         """Clip `index`: moments (T, 2C, h, w) in the stored dtype, frame 0 as uint8 (1, 3, H, W), actions."""
         if not 0 <= index < len(self._clips):
             raise IndexError(f"LatentCacheSubset: index={index} out of range [0, {len(self._clips)})")
-        clip = self._clips[index]
+        number = self._clips[index]
+        clip = self._stored[number]  # the clip holding the tensors (itself, or the first copy of it)
         file = self._shard_files[bisect.bisect_right(self._shard_first, clip) - 1]
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -306,7 +333,7 @@ class LatentCacheSubset:
         if tuple(moments.shape) != self.latent_shape or moments.dtype != self.moments_dtype:
             raise BrokenSampleError(file, f"clip {clip} has moments {tuple(moments.shape)} {moments.dtype}; "
                                           f"the index records {self.latent_shape} {self.moments_dtype}")
-        return Clip(frames=frame.unsqueeze(0), actions=actions, source=self._sources[clip], moments=moments)
+        return Clip(frames=frame.unsqueeze(0), actions=actions, source=self._sources[number], moments=moments)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError unless `model.first_stage_model` is the VAE this cache was encoded with (the
@@ -322,10 +349,10 @@ class LatentCacheSubset:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: `python -m vwm.data.latents build --config CFG [--ckpt W] --out DIR [options] [a.b=c ...]`."""
-    parser = argparse.ArgumentParser(prog="python -m vwm.data.latents")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser(prog: str = "python -m vwm.data.latents") -> argparse.ArgumentParser:
+    """The latent-cache builder's argument parser (`vwm data latents build ...`)."""
+    p = argparse.ArgumentParser(prog=prog)
+    sub = p.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="encode the clips of a config's data subsets into a latent cache")
     build.add_argument("--config", action="append", required=True,
                        help="training config (model + data sections); repeat to merge several, left to right")
@@ -338,9 +365,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                        help="storage dtype of the moments")
     build.add_argument("--frames_per_call", type=int, default=None,
                        help="frames per encoder call (default: model.params.en_and_decode_n_samples_a_time)")
+    build.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")
     build.add_argument("overrides", nargs="*", help="config overrides a.b=c")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return p
+
+
+def _build(args: argparse.Namespace) -> None:
     from vwm.config import load_config
 
     if args.device == "cuda":
@@ -351,12 +381,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     index = build_cache(cfg, args.out, ckpt=args.ckpt, shard_size=args.shard_size, device=args.device,
                         dtype=args.dtype, frames_per_call=args.frames_per_call)
-    keys = ("num_clips", "num_frames", "height", "width", "latent_shape", "moments_dtype")
+    keys = ("num_clips", "num_encoded", "num_frames", "height", "width", "latent_shape", "moments_dtype")
     summary = {"out": args.out, **{k: index[k] for k in keys}, "shards": len(index["shards"]),
                "skipped": len(index["skipped"]), "bytes": sum(s["bytes"] for s in index["shards"]),
                "first_stage": index["first_stage"]["identity"]}
     print(json.dumps(summary, sort_keys=True))
 
 
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.latents") -> int:
+    """CLI: `python -m vwm.data.latents build --config CFG [--ckpt W] --out DIR [options] [a.b=c ...]`; exit code
+    2 with a one-line message for a user error."""
+    from vwm.cli.common import run_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_cli(prog, lambda a: _build(parser(prog).parse_args(a)), argv)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -148,6 +149,11 @@ class NuScenesSubset:
     def __len__(self) -> int:
         return len(self._order)
 
+    def clip_key(self, index: int) -> int:
+        """The annotation entry behind `index`: re-balanced copies of a clip share it (the latent cache encodes
+        each entry once)."""
+        return int(self._order[index])
+
     def load_clip(self, index: int) -> Clip:
         """Decode clip `index` (uint8 (T, 3, H, W)) with its available normalised actions."""
         row = int(self._order[index])
@@ -255,12 +261,20 @@ def build_annotations(nusc: Any, can_bus: Any, scene_names: Sequence[str], num_f
 
 
 def _build(args: argparse.Namespace) -> None:
-    if not os.path.isdir(os.path.join(args.dataroot, args.version)):
-        raise FileNotFoundError(f"--dataroot={args.dataroot!r} has no table folder {args.version!r}")
-    can_root = args.can_bus_root or args.dataroot
+    if not os.path.isdir(args.data_root):
+        raise FileNotFoundError(f"--data_root={args.data_root!r} is not an existing directory (the nuScenes root "
+                                "holding v1.0-trainval/, samples/, sweeps/)")
+    if not os.path.isdir(os.path.join(args.data_root, args.version)):
+        present = sorted(d for d in os.listdir(args.data_root)
+                         if d.startswith("v1.0-") and os.path.isdir(os.path.join(args.data_root, d)))
+        hint = (f"; present: {', '.join(present)} (pass --version {present[0]})" if present else
+                "; no v1.0-* table folder is there: point --data_root at the folder that holds them")
+        raise FileNotFoundError(f"--data_root={args.data_root!r} has no table folder {args.version!r}{hint}")
+    can_root = args.can_bus_root or args.data_root
     if not args.no_can_bus and not os.path.isdir(os.path.join(can_root, "can_bus")):
-        raise FileNotFoundError(f"--can-bus-root={can_root!r} has no can_bus/ folder (the nuScenes CAN bus "
-                                "expansion); pass --no-can-bus to write empty speed/angle lists")
+        raise FileNotFoundError(f"--can_bus_root={can_root!r} has no can_bus/ folder (the nuScenes CAN bus "
+                                "expansion, https://www.nuscenes.org/download); pass --no_can_bus to write empty "
+                                "speed/angle lists")
     from nuscenes.can_bus.can_bus_api import NuScenesCanBus
     from nuscenes.nuscenes import NuScenes
     from nuscenes.utils.splits import create_splits_scenes
@@ -269,7 +283,7 @@ def _build(args: argparse.Namespace) -> None:
     if args.split != "all" and args.split not in splits:
         raise ValueError(f"--split={args.split!r} is not one of {['all', *sorted(splits)]}")
     can_bus = None if args.no_can_bus else NuScenesCanBus(dataroot=can_root)
-    nusc = NuScenes(version=args.version, dataroot=args.dataroot, verbose=False)
+    nusc = NuScenes(version=args.version, dataroot=args.data_root, verbose=False)
     names = [s["name"] for s in nusc.scene] if args.split == "all" else splits[args.split]
     if not set(names) & {s["name"] for s in nusc.scene}:
         raise ValueError(f"--split={args.split!r} has no scene in {args.version!r}")
@@ -280,22 +294,33 @@ def _build(args: argparse.Namespace) -> None:
     print(json.dumps({"out": args.out, **stats}, sort_keys=True))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: `python -m vwm.data.nuscenes build --dataroot D --version V --split S --out F`."""
-    parser = argparse.ArgumentParser(prog="python -m vwm.data.nuscenes")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser(prog: str = "python -m vwm.data.nuscenes") -> argparse.ArgumentParser:
+    """The annotation builder's argument parser (`vwm data nuscenes build ...`)."""
+    p = argparse.ArgumentParser(prog=prog)
+    sub = p.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write annotation JSON (reference schema) from raw nuScenes")
-    build.add_argument("--dataroot", required=True,
+    build.add_argument("--data_root", "--dataroot", "--data-root", dest="data_root", required=True,
                        help="nuScenes root holding <version>/, samples/, sweeps/")
     build.add_argument("--version", default="v1.0-trainval")
     build.add_argument("--split", default="train",
                        help="a nuscenes-devkit split (train, val, mini_train, ...) or 'all'")
     build.add_argument("--out", required=True)
-    build.add_argument("--num-frames", type=int, default=25)
-    build.add_argument("--can-bus-root", default=None, help="folder holding can_bus/ (default: --dataroot)")
-    build.add_argument("--no-can-bus", action="store_true", help="write empty speed/angle lists")
-    _build(parser.parse_args(argv))
+    build.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=25)
+    build.add_argument("--can_bus_root", "--can-bus-root", dest="can_bus_root", default=None,
+                       help="folder holding can_bus/ (default: --data_root)")
+    build.add_argument("--no_can_bus", "--no-can-bus", dest="no_can_bus", action="store_true",
+                       help="write empty speed/angle lists")
+    build.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.nuscenes") -> int:
+    """CLI: `python -m vwm.data.nuscenes build --data_root D --version V --split S --out F`; exit code 2 with a
+    one-line message for a user error."""
+    from vwm.cli.common import run_cli
+
+    return run_cli(prog, lambda a: _build(parser(prog).parse_args(a)), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

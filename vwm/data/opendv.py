@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -217,18 +218,21 @@ def scan_annotations(data_root: str, *, num_frames: int = 25, stride: int = 1,
     return entries
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: `python -m vwm.data.opendv index --data-root D --out F` writes the scanned clips as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m vwm.data.opendv")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser(prog: str = "python -m vwm.data.opendv") -> argparse.ArgumentParser:
+    """The OpenDV indexer's argument parser (`vwm data opendv index ...`)."""
+    p = argparse.ArgumentParser(prog=prog)
+    sub = p.add_subparsers(dest="command", required=True)
     index = sub.add_parser("index", help="scan frame folders and videos, write annotation JSON")
-    index.add_argument("--data-root", required=True)
+    index.add_argument("--data_root", "--data-root", "--dataroot", dest="data_root", required=True)
     index.add_argument("--out", required=True)
-    index.add_argument("--num-frames", type=int, default=25)
+    index.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=25)
     index.add_argument("--stride", type=int, default=1)
-    index.add_argument("--video-fps", type=float, default=OPENDV_FPS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    index.add_argument("--video_fps", "--video-fps", dest="video_fps", type=float, default=OPENDV_FPS)
+    index.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")
+    return p
+
+
+def _index(args: argparse.Namespace) -> None:
     entries = scan_annotations(args.data_root, num_frames=args.num_frames, stride=args.stride,
                                video_fps=args.video_fps)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -237,5 +241,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {len(entries)} clips to {args.out}")
 
 
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.opendv") -> int:
+    """CLI: `python -m vwm.data.opendv index --data_root D --out F` writes the scanned clips as JSON; exit code 2
+    with a one-line message for a user error."""
+    from vwm.cli.common import run_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(prog, lambda a: _index(parser(prog).parse_args(a)), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,13 @@
-"""`train.py --dry-run`: the resolved config, parameter counts and a per-GPU memory estimate, without weights."""
+"""`train.py --dry-run`: everything a run checks at start-up (config schema, starting weights, launch, data roots
+and annotations), then the resolved config, parameter counts, FLOPs and a calibrated per-GPU memory estimate with
+advice, without allocating weights."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
 from vwm.config import build_model, to_container
-from vwm.training.flops import GIB, activation_bytes, estimate_memory, latent_downsample, unet_forward_flops
+from vwm.training.flops import GIB, estimate_for_config, latent_downsample, unet_forward_flops
 
 
 def parameter_table(model) -> tuple[list[str], int, int, int]:
@@ -27,41 +29,50 @@ def parameter_table(model) -> tuple[list[str], int, int, int]:
 
 
 def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
-    """Report for --dry-run (the model is built on the meta device; nothing is allocated)."""
-    from vwm.training.run import resolve_devices
+    """Report for --dry-run (the model is built on the meta device; nothing is allocated). Raises what a real run
+    would raise at start-up (missing weights or data, bad launch values)."""
+    from vwm.training.preflight import (check_data, check_weights_config, describe_loggers, initial_weights,
+                                        resolve_launch)
 
+    weights = initial_weights(cfg, finetune=opts.finetune, from_scratch=opts.from_scratch, resume=resume)
+    weights_note = check_weights_config(weights, cfg.model)
+    # Planning usually happens on a machine without the GPUs: assume the GPU default unless told cpu.
+    launch = resolve_launch(cfg, accelerator=opts.accelerator, n_devices=opts.n_devices, num_nodes=opts.num_nodes,
+                            precision=opts.precision, planning=True)
+    data_plan = check_data(cfg)
     model = build_model(cfg, device="meta")
     lines, trainable, frozen, ema = parameter_table(model)
     data = dict(to_container(cfg.data.get("params")) or {})
     frames = int(cfg.model.params.get("num_frames", 25))
     height, width = int(data.get("target_height", 320)), int(data.get("target_width", 576))
     batch = int(data.get("batch_size", 1))
-    devices = resolve_devices(opts)
-    world = devices * opts.num_nodes
-    # Planning usually happens on a machine without the GPUs: assume the GPU default unless told --accelerator cpu.
-    precision = opts.precision or ("32-true" if opts.accelerator == "cpu" else "bf16-mixed")
     strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
-    zero = int(strategy.rsplit("_", 1)[-1]) if strategy.startswith("deepspeed") and strategy[-1].isdigit() else 0
     network = to_container(cfg.model.params.network_config)
     down = latent_downsample(to_container(cfg.model))
-    acts = activation_bytes(network, frames, height, width, batch=batch, downsample=down)
-    mem = estimate_memory(trainable, frozen, ema, world, acts, precision=precision, zero_stage=zero)
+    mem = estimate_for_config(cfg, world_size=launch.world_size, precision=launch.precision, model=model)
     fwd = unet_forward_flops(network, frames, height, width, batch=1, downsample=down)
+    checkpointing = bool(network["params"].get("use_checkpoint"))
+    compiled = bool(cfg.model.params.get("compile_model"))
     out = [
         "# resolved config",
         OmegaConf.to_yaml(cfg, resolve=True).rstrip(),
         "",
         f"# run directory: {run_dir}" + (f" (resuming {resume})" if resume else ""),
-        f"# {world} process(es) = {opts.num_nodes} node(s) x {devices} device(s); strategy {strategy}; "
-        f"precision {precision}",
+        f"# {weights.describe()}",
+        *([f"#   {weights_note}"] if weights_note else []),
+        f"# launch: {launch.describe()}; strategy {strategy}",
+        *(f"# {line}" for line in data_plan.lines),
+        f"# {describe_loggers(cfg)}",
         "# parameters",
         *lines,
         f"# UNet forward per clip ({frames}x{height}x{width}): {fwd / 1e12:.2f} TFLOP; training step model FLOPs "
         f"{3 * fwd * batch / 1e12:.2f} TFLOP per GPU",
-        f"# memory estimate per GPU (batch {batch}, activation checkpointing "
-        f"{'on' if network['params'].get('use_checkpoint') else 'off'})",
+        f"# memory estimate per GPU (batch {batch}, activation checkpointing {'on' if checkpointing else 'off'}, "
+        f"{'compiled' if compiled else 'eager'} layers; fitted to measured peaks, about +-15 %)",
         *mem.lines(),
     ]
-    if mem.total > 80 * GIB:
-        out.append("# warning: estimate exceeds 80 GiB; enable use_checkpoint, lower the resolution or add GPUs")
+    advice = mem.advice(limit_gib=80.0)
+    out += [f"# {line}" for line in advice]
+    if mem.total > 80 * GIB and not advice:
+        out.append("# warning: the estimate exceeds 80 GiB")
     return "\n".join(out)

@@ -71,71 +71,246 @@ def unet_forward_flops(network_node: Mapping, frames: int, height: int, width: i
     return float(counter.get_total_flops())
 
 
+class _FlashAccounting(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention while counting: saves what the fused (flash / memory-efficient)
+    kernels keep for backward on a GPU (q, k, v, the output and the log-sum-exp), not the attention matrix that the
+    math path used on the meta device would keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # noqa: ANN001, D102 - autograd.Function protocol
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, D102
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):  # noqa: ANN001
+    return _FlashAccounting.apply(q, k, v)
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Bytes the UNet keeps for backward in one training step (meta-device forward, fused attention):
+    `checkpointed` with activation checkpointing (the inputs of every checkpointed layer and what lies between
+    them), `full` without it, and `largest_layer`, the most one checkpointed layer keeps when it runs without
+    checkpointing (what its recomputation materialises again during the backward pass)."""
+
+    checkpointed: int
+    full: int
+    largest_layer: int
+
+
+def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: int, width: int, batch: int = 1,
+                       dtype: torch.dtype = torch.bfloat16, downsample: int = 8) -> ActivationProfile:
+    """Count the saved tensors of one forward of a meta-device UNet (as the engine built it: frozen weights need no
+    saved inputs) with and without activation checkpointing."""
+    from vwm.models.video_unet import VideoLayer
+
+    unet = unet.to(dtype)
+    layers = [m for m in unet.modules() if isinstance(m, VideoLayer)]
+    was = [(m.use_checkpoint, m.__dict__.get("compiled_run")) for m in layers]
+    for m in layers:
+        m.compiled_run = None  # count the eager layers (the compiled ones keep less: see MEMORY_COEFFICIENTS)
+    counts: dict[bool, int] = {}
+    per_layer: list[int] = []
+    total = [0]
+    x, c_noise, context, y, mask = _meta_inputs(unet, batch, frames, (height // downsample, width // downsample),
+                                                context_dim)
+    x, context = x.to(dtype).requires_grad_(), context.to(dtype)
+
+    def pack(t: torch.Tensor):
+        key = t.untyped_storage()._cdata  # views share their storage: count each storage once
+        if key not in seen and not isinstance(t, nn.Parameter):
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    def measured(forward):  # noqa: ANN001
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003
+            before = total[0]
+            out = forward(*args, **kwargs)
+            per_layer.append(total[0] - before)
+            return out
+        return run
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _flash_sdpa
+    try:
+        for checkpointing in (True, False):
+            seen: set[int] = set()
+            total[0] = 0
+            for m in layers:
+                m.use_checkpoint = checkpointing
+                if not checkpointing:
+                    m.video_forward = measured(type(m).video_forward.__get__(m))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                unet(x, c_noise, context, y.to(dtype) if y is not None else None, mask)
+            counts[checkpointing] = total[0]
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for m, (flag, compiled) in zip(layers, was):
+            m.use_checkpoint = flag
+            m.compiled_run = compiled
+            m.__dict__.pop("video_forward", None)
+    return ActivationProfile(checkpointed=counts[True], full=counts[False], largest_layer=max(per_layer, default=0))
+
+
+MEMORY_COEFFICIENTS = {
+    "checkpointed_saved": 2.9,
+    "uncheckpointed_saved": 0.9,
+    "vae_bytes_per_pixel": 1024.0,
+    "overhead_gib": 0.25,
+}
+"""Factors of the memory model, fitted to peaks measured on an H100 (`scripts/measure_memory.py`, bf16, ZeRO-2, one
+GPU, eager layers; docs/training.md "Memory estimate" lists estimate vs measurement):
+
+- `checkpointed_saved`: the forward/backward peak with activation checkpointing is this many times what the
+  checkpointed UNet keeps between layers (the meta-device count of `ActivationProfile.checkpointed`): 2.77-3.03
+  over five measured configurations (each layer's recomputation and its gradients come on top of the kept inputs);
+- `uncheckpointed_saved`: without checkpointing, the peak is 0.89-0.91 of everything saved (fused attention
+  accounting; the earliest tensors are freed while the gradient partition fills);
+- `vae_bytes_per_pixel`: the online VAE encode's transient per pixel of a chunk of frames (bf16, 128 channels at full
+  resolution, about four tensors alive); below the UNet's peak in every measured configuration, so an upper bound;
+- `overhead_gib`: memory held between steps beyond weights, optimizer states and EMA (the batch, cuDNN/cuBLAS
+  workspaces): 0.13-0.35 GiB measured.
+"""
+
+
 @dataclass
 class MemoryEstimate:
-    """Per-GPU memory of a training run, in bytes."""
+    """Per-GPU memory of a training step, in bytes: what is held between steps, the gradients held during the
+    backward pass and the optimizer step, and the transient peaks of the forward/backward pass (activations), of the
+    VAE encode and of the optimizer step (fp32 gradients); the peak is the held part plus the largest transient."""
 
     weights: int
     master_and_optimizer: int
     gradients: int
     ema: int
     activations: int
+    step_transient: int = 0
+    vae_encode: int = 0
+    overhead: int = 0
+    checkpointing: bool = True
+
+    @property
+    def steady(self) -> int:
+        """Held between steps (weights, fp32 master and Adam states, EMA, workspaces)."""
+        return self.weights + self.master_and_optimizer + self.ema + self.overhead
 
     @property
     def total(self) -> int:
-        """Sum of the parts."""
-        return self.weights + self.master_and_optimizer + self.gradients + self.ema + self.activations
+        """The peak: held + the largest of forward/backward (activations + gradients), the VAE encode (before the
+        UNet, no gradients yet) and the optimizer step (gradients + their fp32 copy)."""
+        return self.steady + max(self.activations + self.gradients, self.vae_encode,
+                                 self.gradients + self.step_transient)
 
     def lines(self) -> list[str]:
         """Human-readable breakdown."""
-        parts = [("weights", self.weights), ("fp32 master + Adam (ZeRO-2 partition)", self.master_and_optimizer),
-                 ("gradients (partition)", self.gradients), ("EMA (fp32)", self.ema),
-                 ("activations saved for backward", self.activations)]
-        return [f"  {name:<40s} {value / GIB:8.2f} GiB" for name, value in parts] + [
-            f"  {'total (+ allocator overhead, buckets)':<40s} {self.total / GIB:8.2f} GiB"]
+        parts = [("weights", self.weights),
+                 ("fp32 master + Adam (ZeRO partition)", self.master_and_optimizer),
+                 ("EMA (fp32)", self.ema), ("workspaces, batch", self.overhead),
+                 ("gradients (partition + bucket), in bwd", self.gradients),
+                 (f"activations, {'checkpointed' if self.checkpointing else 'no checkpointing'}", self.activations),
+                 ("VAE encode (transient, before the UNet)", self.vae_encode),
+                 ("optimizer step: fp32 gradients", self.step_transient)]
+        phase = max((self.activations + self.gradients, "forward/backward"), (self.vae_encode, "VAE encode"),
+                    (self.gradients + self.step_transient, "optimizer step"))[1]
+        return [f"  {name:<42s} {value / GIB:8.2f} GiB" for name, value in parts] + [
+            f"  {'peak (held + largest transient: ' + phase + ')':<42s} {self.total / GIB:8.2f} GiB"]
 
-
-def activation_bytes(network_node: Mapping, frames: int, height: int, width: int, batch: int = 1,
-                     dtype: torch.dtype = torch.bfloat16, checkpointing: bool | None = None,
-                     downsample: int = 8) -> int:
-    """Bytes of tensors the UNet saves for backward on one step (meta-device forward with saved-tensor hooks)."""
-    node = {**network_node, "params": dict(network_node["params"])}
-    if checkpointing is not None:
-        node["params"]["use_checkpoint"] = checkpointing
-    with torch.device("meta"):
-        unet = instantiate(node).to(dtype)
-    x, c_noise, context, y, mask = _meta_inputs(unet, batch, frames, (height // downsample, width // downsample),
-                                                context_width(node))
-    x, context = x.to(dtype).requires_grad_(), context.to(dtype)
-    total = 0
-    seen: set[int] = set()
-
-    def pack(t: torch.Tensor):
-        nonlocal total
-        storage = t.untyped_storage()
-        key = storage._cdata  # views share their storage: count each storage once
-        if key not in seen and not isinstance(t, nn.Parameter):
-            seen.add(key)
-            total += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, c_noise, context, y.to(dtype) if y is not None else None, mask)
-    return total
+    def advice(self, limit_gib: float = 80.0) -> list[str]:
+        """What would bring the peak under `limit_gib`, biggest lever first. More GPUs shrink only the ZeRO
+        partitions (master weights, Adam states, gradients), never the activations, the weights or the EMA."""
+        if self.total <= limit_gib * GIB:
+            return []
+        out = [f"estimated peak {self.total / GIB:.1f} GiB exceeds {limit_gib:.0f} GiB; what would help:"]
+        if not self.checkpointing:
+            out.append("  - activation checkpointing (model.params.network_config.params.use_checkpoint=true): "
+                       f"activations {self.activations / GIB:.1f} GiB -> about a tenth")
+        if self.activations > 0.25 * self.total:
+            out.append("  - a smaller data.params.batch_size (activations scale with it; keep the global batch with "
+                       "lightning.trainer.accumulate_grad_batches) or resolution (target_height/target_width)")
+        if self.vae_encode > self.activations:
+            out.append("  - fewer frames per VAE call (model.params.en_and_decode_n_samples_a_time) or a latent "
+                       "cache (python -m vwm.data.latents build)")
+        sharded = self.master_and_optimizer + self.gradients + self.step_transient
+        if sharded > 0.25 * self.total:
+            out.append(f"  - more GPUs: ZeRO-2 divides the {sharded / GIB:.1f} GiB of fp32 master weights, Adam "
+                       "states and gradients by the world size (not the activations, weights or EMA)")
+        if self.ema > 0.1 * self.total:
+            out.append("  - model.params.use_ema=false saves the EMA's "
+                       f"{self.ema / GIB:.1f} GiB (the export then has no EMA weights)")
+        return out
 
 
 def estimate_memory(trainable: int, frozen: int, ema_params: int, world_size: int, activations: int,
-                    precision: str = "bf16-mixed", zero_stage: int = 2) -> MemoryEstimate:
-    """Per-GPU bytes for weights, optimizer, gradients and EMA under ZeRO (or DDP when zero_stage=0)."""
-    half = precision.startswith(("bf16", "16"))
-    weight_bytes = 2 if half else 4
+                    precision: str = "bf16-mixed", zero_stage: int = 2, *, vae_encode: int = 0,
+                    checkpointing: bool = True, bucket_elements: int = 200_000_000) -> MemoryEstimate:
+    """Per-GPU bytes under ZeRO-`zero_stage` (0: DDP) for `trainable`/`frozen` parameters, an EMA of `ema_params`,
+    `world_size` processes and the given activation and VAE transients. ZeRO-1 shards the fp32 master weights
+    and Adam states, ZeRO-2 also the gradients; every rank holds all weights, the EMA and its activations."""
+    half = precision.startswith(("bf16", "16")) and "true" not in precision
+    weight_bytes = 4 if precision in ("32-true", "32") else 2
     shard = world_size if zero_stage >= 1 else 1
     grad_shard = world_size if zero_stage >= 2 else 1
     master = (4 * trainable if half else 0) + 8 * trainable  # fp32 master copy (mixed) + Adam m, v
+    bucket = weight_bytes * bucket_elements if zero_stage >= 1 and trainable > 0 else 0
     return MemoryEstimate(
         weights=weight_bytes * (trainable + frozen),
         master_and_optimizer=master // shard,
-        gradients=(4 * trainable) // grad_shard,
+        gradients=(weight_bytes * trainable) // grad_shard + min(bucket, weight_bytes * trainable),
         ema=4 * ema_params,
         activations=activations,
+        step_transient=(4 * trainable) // grad_shard if half else 0,
+        vae_encode=vae_encode,
+        overhead=int(MEMORY_COEFFICIENTS["overhead_gib"] * GIB),
+        checkpointing=checkpointing,
     )
+
+
+def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16-mixed", model: nn.Module | None = None
+                        ) -> MemoryEstimate:
+    """The per-GPU peak of a training config (its model, data size, checkpointing, compile and ZeRO settings);
+    `model` is the config's model built on the meta device (built here when not given)."""
+    from omegaconf import OmegaConf
+
+    from vwm.config import build_model, to_container
+
+    if model is None:
+        model = build_model(cfg, device="meta")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    ema = sum(b.numel() for b in model.model_ema.buffers()) if getattr(model, "model_ema", None) is not None else 0
+    data = dict(to_container(OmegaConf.select(cfg, "data.params")) or {})
+    model_params = dict(to_container(OmegaConf.select(cfg, "model.params")) or {})
+    network = model_params["network_config"]
+    frames = int(model_params.get("num_frames", 25))
+    height, width = int(data.get("target_height", 320)), int(data.get("target_width", 576))
+    batch = int(data.get("batch_size", 1))
+    down = latent_downsample(to_container(cfg["model"]))
+    checkpointing = bool(network["params"].get("use_checkpoint"))
+    half = precision.startswith(("bf16", "16"))
+    profile = activation_profile(model.model.diffusion_model, context_width(network), frames, height, width, batch,
+                                 dtype=torch.bfloat16 if half else torch.float32, downsample=down)
+    coef = MEMORY_COEFFICIENTS
+    # Compiled layers are estimated as eager ones: the one compiled measurement with a comparable eager one
+    # (320x576, phase 2) gave the same peak (docs/training.md, "Memory estimate").
+    activations = (coef["checkpointed_saved"] * profile.checkpointed if checkpointing
+                   else coef["uncheckpointed_saved"] * profile.full)
+    chunk = min(int(model_params.get("en_and_decode_n_samples_a_time") or frames), frames * batch)
+    stage = (model_params.get("first_stage_config") or {}).get("target", "")
+    cached = all(isinstance(s, Mapping) and str(s.get("target", "")).endswith("LatentCacheSubset")
+                 for s in data.get("subsets") or [None])
+    vae = 0 if cached or stage.endswith("PixelShuffleAutoencoder") else int(
+        coef["vae_bytes_per_pixel"] * chunk * height * width * (1 if half else 2))  # fp32 VAE: twice the bytes
+    strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
+    zero = int(strategy.rsplit("_", 1)[-1]) if strategy.startswith("deepspeed") and strategy[-1].isdigit() else 0
+    bucket = int((to_container(OmegaConf.select(cfg, "lightning.deepspeed")) or {}).get(
+        "reduce_bucket_size", 200_000_000))
+    return estimate_memory(trainable, frozen, ema, world_size, int(activations), precision=precision,
+                           zero_stage=zero, vae_encode=vae, checkpointing=checkpointing, bucket_elements=bucket)

@@ -15,20 +15,22 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vwm.checkpoint import load_finetune
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
 from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
+from vwm.training.preflight import build_loggers, check_data, default_run_name, initial_weights, resolve_launch
+from vwm.training.progress import StepProgressBar, summarize
 from vwm.training.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -49,10 +51,11 @@ class TrainOptions:
     base: list[str]
     overrides: list[str] = field(default_factory=list)
     finetune: str | None = None
+    from_scratch: bool = False
     resume: str | None = None
-    num_nodes: int = 1
+    num_nodes: int | None = None
     n_devices: int | None = None
-    accelerator: str = "auto"
+    accelerator: str | None = None
     logdir: str = "logs"
     name: str | None = None
     seed: int = 23
@@ -76,7 +79,7 @@ def run_dir_for(opts: TrainOptions) -> tuple[str, str | None]:
         if os.path.isfile(os.path.join(path, "MANIFEST.json")):  # a checkpoint directory
             return os.path.dirname(os.path.dirname(path)), path
         return path, None
-    name = opts.name or os.path.splitext(os.path.basename(opts.base[-1]))[0]
+    name = opts.name or default_run_name(opts.base)
     return os.path.abspath(os.path.join(opts.logdir, name)), None
 
 
@@ -143,17 +146,6 @@ def _truncate_metrics(path: str, step: int) -> None:
 # ----------------------------------------------------------------------------------------------- trainer
 
 
-def resolve_devices(opts: TrainOptions) -> int:
-    """Devices per node: --n_devices, else torchrun's LOCAL_WORLD_SIZE, else all visible GPUs, else 1."""
-    if opts.n_devices is not None:
-        return opts.n_devices
-    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun
-        return int(os.environ["LOCAL_WORLD_SIZE"])
-    if opts.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
-
-
 def trainer_kwargs(cfg: DictConfig, opts: TrainOptions) -> dict[str, Any]:
     """`pl.Trainer` arguments from the config's `lightning.trainer` section (checked against its signature)."""
     import inspect
@@ -166,11 +158,6 @@ def trainer_kwargs(cfg: DictConfig, opts: TrainOptions) -> dict[str, Any]:
     for key in TRAINER_KEYS_OWNED_BY_VWM:
         section.pop(key, None)
     return section
-
-
-def default_precision(accelerator: str) -> str:
-    """bf16 mixed precision on GPUs, fp32 on CPU."""
-    return "bf16-mixed" if accelerator != "cpu" and torch.cuda.is_available() else "32-true"
 
 
 def checkpoint_settings(cfg: DictConfig) -> tuple[int, int]:
@@ -203,7 +190,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], 
         MetricsFile(os.path.join(run_dir, "metrics.jsonl")),
         ThroughputMonitor(batch * world, frames * (height // down) * (width // down), 3 * fwd),
         LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(refresh_rate=1),
+        StepProgressBar(clips_per_step=batch * world),
     ]
     for name, node in (to_container(OmegaConf.select(cfg, "lightning.callbacks")) or {}).items():
         extra = {"out_dir": os.path.join(run_dir, "videos")} if node.get("target", "").endswith("VideoLogger") else {}
@@ -246,11 +233,14 @@ def train(opts: TrainOptions) -> int:
     cfg, run_dir, resume = prepare(opts)
     if resume:
         check_resume_config(run_dir, cfg)
+    weights = initial_weights(cfg, finetune=opts.finetune, from_scratch=opts.from_scratch, resume=resume)
+    launch = resolve_launch(cfg, accelerator=opts.accelerator, n_devices=opts.n_devices, num_nodes=opts.num_nodes,
+                            precision=opts.precision)
+    data_plan = check_data(cfg)  # data roots, annotations, clip lists: fail before the model is built
+    log.log(logging.INFO if weights.source in ("finetune", "resume") else logging.WARNING, weights.describe())
+    log.info("launch: %s", launch.describe())
     pl.seed_everything(opts.seed, workers=True)
-    accelerator = opts.accelerator
-    precision = opts.precision or default_precision(accelerator)
-    devices = resolve_devices(opts)
-    world = devices * opts.num_nodes
+    world = launch.world_size
 
     data_params = dict(to_container(cfg.data.get("params")) or {})
     engine = build_model(cfg)
@@ -260,29 +250,41 @@ def train(opts: TrainOptions) -> int:
     accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1))
     engine.learning_rate = base_lr * (accumulate * world * int(data_params.get("batch_size", 1)) if opts.scale_lr else 1)
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
-    if opts.finetune and not resume:
-        load_finetune(engine, opts.finetune, to_container(cfg.model))
-    datamodule = instantiate(cfg.data, seed=opts.seed)
+    if weights.source in ("finetune", "default"):
+        load_finetune(engine, weights.path, to_container(cfg.model))
+    datamodule = instantiate(cfg.data, seed=opts.seed, subsets=data_plan.subsets)
 
     strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
     strategy = build_strategy(strategy_name, to_container(cfg.get("lightning")) or {})
     if hasattr(strategy, "config") and isinstance(strategy.config, dict):
         strategy.config["train_micro_batch_size_per_gpu"] = int(data_params.get("batch_size", 1))
-    info = {"finetune": os.path.abspath(opts.finetune)} if opts.finetune else {}
+    info = {"finetune": os.path.abspath(weights.path)} if weights.source in ("finetune", "default") else {}
     callbacks, ckpt = build_callbacks(cfg, run_dir, data_params, world, info)
     if resume:
         _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]))
     write_run_files(run_dir, cfg)
     config_steps = trainer_cfg.pop("max_steps", -1)
     max_steps = opts.max_steps if opts.max_steps is not None else config_steps
+    trainer_cfg.setdefault("enable_model_summary", False)  # the dry run prints the parameter table
+    loggers = build_loggers(cfg, run_dir)
+    if not loggers:  # metrics.jsonl only; Lightning's LR monitor needs a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=opts.num_nodes, strategy=strategy, precision=precision,
-        max_steps=max_steps,
+        accelerator=launch.accelerator, devices=launch.devices, num_nodes=launch.num_nodes, strategy=strategy,
+        precision=launch.precision, max_steps=max_steps,
         default_root_dir=run_dir, enable_checkpointing=False, callbacks=callbacks,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""), **trainer_cfg,
+        logger=loggers or False, **trainer_cfg,
     )
     ckpt_path = resume_target(resume, read_manifest(resume)) if resume else None
+    started, first_step = time.perf_counter(), int(read_manifest(resume)["step"]) if resume else 0
     trainer.fit(engine, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        newest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        report = summarize(run_dir, first_step=first_step, last_step=trainer.global_step,
+                           seconds=time.perf_counter() - started, clips_per_step=int(data_params.get("batch_size", 1))
+                           * world, checkpoint=newest[0] if newest else None, cfg=cfg,
+                           stopped_by_signal=ckpt.stopped_by_signal)
+        logging.getLogger("vwm.summary").info("\n".join(report.lines()))
     if not opts.no_test:
         trainer.test(engine, datamodule=datamodule)
     if ckpt.stopped_by_signal is not None:
