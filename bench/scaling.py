@@ -1,5 +1,5 @@
 """Data-parallel scaling of the real training path: `train.py` under torchrun on 1, 2, 4, 8 GPUs of one host
-(DeepSpeed ZeRO-2 as the config says, random clips from vwm.data.synthetic, random weights); one JSON line per
+(DeepSpeed ZeRO-2 as the config says, random clips from vwm.data.synthetic, random weights: --from-scratch); one JSON line per
 process count with clips/s, step time, peak memory and the scaling efficiency clips/s(N) / (N x clips/s(1)).
 
     python bench/scaling.py --config configs/training/vista_phase1.yaml --height 576 --width 1024 --gpus 1 2 4 8
@@ -37,7 +37,7 @@ def run_one(n: int, args: argparse.Namespace, work: str) -> dict:
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            os.path.join(REPO, "train.py"), "--base", args.config, "--logdir", work, "--name", name,
-           "--max_steps", str(args.steps), *args.train_args, *overrides]
+           "--max_steps", str(args.steps), "--from-scratch", *args.train_args, *overrides]
     if args.cpu:
         cmd += ["--accelerator", "cpu"]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
