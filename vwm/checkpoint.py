@@ -41,6 +41,9 @@ PREFIXES = ("_forward_module.", "module.")
 PhaseAddition = Literal["cond_time_stack_embed", "action_control", "lora", "ema"]
 PHASE_ADDITIONS: tuple[PhaseAddition, ...] = ("cond_time_stack_embed", "action_control", "lora", "ema")
 """Parameter families a checkpoint may lack when a later training phase introduces them."""
+WHOLE_FAMILIES = ("cond_time_stack_embed", "action_control", "lora")
+"""Families a checkpoint has completely or not at all. The EMA is exempt: when any shadow the model keeps is
+missing, the whole EMA is rebuilt from the loaded weights (the counters too)."""
 
 _FAMILY_PATTERNS: dict[str, re.Pattern] = {
     "cond_time_stack_embed": re.compile(r"^model\.diffusion_model\.cond_time_stack_embed\."),
@@ -212,6 +215,15 @@ def has_ema(sd: Mapping[str, torch.Tensor]) -> bool:
     return bool(ema_shadows(sd))
 
 
+def check_ema_shadows(sd: Mapping[str, torch.Tensor], model_keys: Iterable[str], name: str) -> None:
+    """Refuse EMA shadows that belong to no weight, neither of the checkpoint nor of the model: a broken name
+    mapping, never something to skip (the same rule for `--finetune` and `bin_to_st.py`)."""
+    weights = {ema_key(k) for k in (*sd, *model_keys) if k.startswith("model.")}
+    orphans = [k for k in ema_shadows(sd) if k not in weights]
+    if orphans:
+        raise CheckpointError(f"{name}: EMA shadows without a matching weight: {_format_keys(orphans)}")
+
+
 def fold_ema(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Replace each network weight by its EMA shadow and drop all `model_ema.*` keys; returns (dict,
     #replaced)."""
@@ -360,6 +372,12 @@ def check_state_dict(
     bad = [k for f, keys in by_family.items() if f == "other" or f not in allow_missing for k in keys]
     if bad:
         raise CheckpointError(f"{name}: missing keys the model needs: {_format_keys(bad)}")
+    for family, keys in by_family.items():
+        members = sum(family_of(k) == family for k in expected)
+        if family in WHOLE_FAMILIES and len(keys) < members:  # the phase adds a family whole, never in parts
+            raise CheckpointError(
+                f"{name}: has {members - len(keys)} of the {members} {family} tensors; a phase may lack a family "
+                f"only as a whole (then it is initialised), so these are missing: {_format_keys(keys)}")
 
     mismatched = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if mismatched:
@@ -394,10 +412,11 @@ def load_weights(
         sd, _ = read_state_dict(source)
         name = name or str(source)
     report = LoadReport(source=name)
+    expected = model.state_dict()
+    check_ema_shadows(sd, expected, name)
     if use_ema_weights and has_ema(sd):
         sd, report.ema_folded = fold_ema(sd)
 
-    expected = model.state_dict()
     model_has_lora = any(family_of(k) == "lora" for k in expected)
     if not model_has_lora and any(family_of(k) == "lora" for k in sd):
         sd, report.lora_merged = merge_lora(sd, lora_scale)
