@@ -109,6 +109,11 @@ def _tensor_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
 
 
 def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_manifest(path)
+    return _read_file_unchecked(path)
+
+
+def _read_file_unchecked(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
@@ -123,14 +128,20 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _check_manifest(path: str) -> None:
-    """Refuse a vwm checkpoint directory whose MANIFEST.json does not match the files on disk."""
-    if os.path.isfile(os.path.join(path, "MANIFEST.json")):
-        from vwm.training.checkpointing import read_manifest
+    """Refuse a vwm checkpoint directory (or a file or DeepSpeed tag directory inside one) whose MANIFEST.json does
+    not match the files on disk: missing files, sizes, checksums (every byte is read)."""
+    from vwm.training.checkpointing import MANIFEST, read_manifest
 
-        try:
-            read_manifest(path)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from err
+    root = os.path.abspath(path)
+    for level in range(3):  # the directory itself, or the step-N/ above a file or DeepSpeed tag directory in it
+        named_step = re.match(r"^step-\d+$", os.path.basename(root)) is not None
+        if (level == 0 or named_step) and os.path.isfile(os.path.join(root, MANIFEST)):
+            try:
+                read_manifest(root, checksums=True)
+            except ValueError as err:
+                raise CheckpointError(str(err)) from err
+            return
+        root = os.path.dirname(root)
 
 
 def _read_shards(path: str, index: str) -> dict[str, torch.Tensor]:
@@ -145,7 +156,7 @@ def _read_shards(path: str, index: str) -> dict[str, torch.Tensor]:
         file = os.path.join(path, shard)
         if not os.path.isfile(file):
             raise CheckpointError(f"{file}: shard listed in {index} is missing")
-        sd.update(_read_file(file)[0])
+        sd.update(_read_file_unchecked(file)[0])
     lost = sorted(set(weight_map) - set(sd))
     if lost:
         raise CheckpointError(f"{index}: tensors listed but not found in the shards: {_format_keys(lost)}")
@@ -157,13 +168,13 @@ def _read_directory(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     if any(os.path.isfile(os.path.join(path, name)) for name in ("latest", "mp_rank_00_model_states.pt")):
         return merge_zero_checkpoint(path)
     if os.path.isfile(os.path.join(path, "lightning.ckpt")):  # a vwm DDP checkpoint directory
-        return _read_file(os.path.join(path, "lightning.ckpt"))
+        return _read_file_unchecked(os.path.join(path, "lightning.ckpt"))
     for name in ZERO_TO_FP32_FILES:  # DeepSpeed's zero_to_fp32.py output directory
         index = os.path.join(path, name + ".index.json")
         if os.path.isfile(index):
             return _read_shards(path, index), {}
         if os.path.isfile(os.path.join(path, name)):
-            return _read_file(os.path.join(path, name))
+            return _read_file_unchecked(os.path.join(path, name))
     raise CheckpointError(
         f"{path}: not a checkpoint directory: expected a DeepSpeed checkpoint ('latest' or "
         f"mp_rank_00_model_states.pt), lightning.ckpt, or zero_to_fp32 output "
@@ -584,6 +595,17 @@ def zero_tag_dir(path: str) -> tuple[str, str]:
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
     raise CheckpointError(f"{path}: not a DeepSpeed checkpoint (no 'latest' file and no "
                           f"mp_rank_00_model_states.pt)")
+
+
+def verify_pickles(root: str, skip: Collection[str] = ()) -> None:
+    """Open every file under `root` with the restricted unpickler and DeepSpeed's allow-listed classes, except
+    Python scripts (DeepSpeed's zero_to_*.py), the manifest and the files named in `skip` (read as text by their
+    users); a file that needs more is refused before anything else unpickles it."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for folder, _, files in os.walk(root):
+            for name in sorted(files):
+                if name not in skip and not name.endswith(".py") and not name.startswith("MANIFEST.json"):
+                    _torch_load_safely(os.path.join(folder, name), mmap=True)
 
 
 def verify_zero_files(tag_dir: str) -> dict:

@@ -1,6 +1,6 @@
 """Numerical guards of training: before an optimizer step every rank agrees that the loss, the global gradient norm
-and the learning rate are finite (else all ranks stop, no update applied). One all-gather of a few numbers per
-optimizer step, where the ranks already synchronise."""
+and the learning rate are finite (else all ranks stop, no update applied), and checkpoints are only committed with
+finite weights. One all-gather of a few numbers per optimizer step, where the ranks already synchronise."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+
+
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of the floating parameters and buffers (weights, EMA shadows) of `module` holding NaN or Inf."""
+    named = [(n, t) for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one host sync
+    return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
 def _grad_tensors(partitions: Any) -> Iterable[torch.Tensor]:
