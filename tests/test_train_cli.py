@@ -4,6 +4,7 @@ torchrun (single- and simulated multi-node), --dry-run for every shipped config,
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import signal
@@ -52,17 +53,60 @@ def _assert_same_run(a, b, step):
     assert any(k.startswith("model_ema.") for k in sa)
 
 
+def _frames_with_broken_clips(root) -> list[str]:
+    """Overrides training on 12 toy clips written as OpenDV frame folders, every 4th with a truncated JPEG, 12 clips
+    per epoch: an epoch is 3 steps of 2 ranks x batch 2, and broken clips are skipped and replaced."""
+    from fixtures_data import truncate
+
+    from vwm.data.toyworld import write_dataset
+
+    anno, _ = write_dataset(str(root), 12, 5, 64, 64)
+    with open(anno) as f:
+        for i, entry in enumerate(json.load(f)):
+            if i % 4 == 0:
+                truncate(os.path.join(root, entry["folder_name"], "000000002.jpg"))
+    subsets = f"[{{target: vwm.data.opendv.OpenDVSubset, params: {{data_root: {root}, anno_file: {anno}}}}}]"
+    return [f"data.params.subsets={subsets}", "data.params.samples_per_epoch=12",
+            "data.params.max_failure_fraction=0.9"]
+
+
+def _skipped_per_step(overrides, world: int, steps: int, ranks=None) -> list[int]:
+    """Broken clips drawn in each optimizer step by the given ranks (default all), replayed from the data."""
+    from vwm.config import instantiate, load_config
+    from vwm.data.datamodule import ClipSampler
+
+    data = instantiate(load_config(TINY, overrides).data, seed=23)
+    data.setup(rank=0, world_size=world)
+    out = []
+    for step in range(steps):
+        total = 0
+        for rank in ranks if ranks is not None else range(world):
+            sampler = ClipSampler(data.dataset, rank=rank, world_size=world, batch_size=data.batch_size, seed=23)
+            sampler.set_start(0, step)
+            total += sum(data.dataset[key]["n_skipped"] for key in itertools.islice(sampler, data.batch_size))
+        out.append(total)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, strategy):
-    extra = ["--n_devices", "2", f"lightning.trainer.strategy={strategy}"]
+    # The cut (max_steps 3, saved by the end-of-training save) lands exactly on an epoch's last batch: the resumed
+    # run continues with the next epoch's data while Lightning's batch_idx continues the old epoch.
+    data = _frames_with_broken_clips(tmp_path / "data")
+    extra = ["--n_devices", "2", f"lightning.trainer.strategy={strategy}", "lightning.checkpoint.every_n_steps=2",
+             *data]
     _train(tmp_path, "full", "--max_steps", "6", *extra)
     _train(tmp_path, "cut", "--max_steps", "3", *extra)
     _train(tmp_path, "cut", "--max_steps", "6", "--resume", "auto", *extra)
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert [s for s, _ in _losses(full)] == [1, 2, 3, 4, 5, 6]
     _assert_same_run(full, cut, 6)
+    with open(os.path.join(full, "metrics.jsonl")) as f:
+        skipped = [row["data/skipped"] for row in map(json.loads, f)]
+    expected = _skipped_per_step(data, 2, 6)
+    assert skipped == expected and expected != _skipped_per_step(data, 2, 6, ranks=[0])  # both ranks count
     if strategy.startswith("deepspeed"):
         step = full / "checkpoints" / "step-000000006"
         assert (step / "zero_to_fp32.py").is_file()
@@ -115,9 +159,10 @@ def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(tmp
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigterm_saves_at_the_next_step_and_exits_nonzero(tmp_path):
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_at_the_next_step_and_exits_143(tmp_path):
     cmd = [sys.executable, TRAIN, "--base", TINY, "--logdir", str(tmp_path), "--name", "term", "--accelerator",
-           "cpu", "--n_devices", "2", "--max_steps", "1000", "lightning.checkpoint.every_n_steps=1000"]
+           "cpu", "--n_devices", "2", "--max_steps", "1000", "lightning.checkpoint.every_n_steps=1000",
+           "data.params.num_workers=2"]
     proc = subprocess.Popen(cmd, env=clean_subprocess_env(), cwd=str(tmp_path), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "term" / "metrics.jsonl"
@@ -125,9 +170,10 @@ def test_sigterm_saves_at_the_next_step_and_exits_nonzero(tmp_path):
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job, workers included
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "killed by signal" not in out
     steps = [int(p.name.split("-")[1]) for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.startswith("step-")]
     assert len(steps) == 1 and steps[0] >= 2
     assert not (tmp_path / "term" / "FINISHED").exists()

@@ -41,6 +41,9 @@ PREFIXES = ("_forward_module.", "module.")
 PhaseAddition = Literal["cond_time_stack_embed", "action_control", "lora", "ema"]
 PHASE_ADDITIONS: tuple[PhaseAddition, ...] = ("cond_time_stack_embed", "action_control", "lora", "ema")
 """Parameter families a checkpoint may lack when a later training phase introduces them."""
+WHOLE_FAMILIES = ("cond_time_stack_embed", "action_control", "lora")
+"""Families a checkpoint has completely or not at all. The EMA is exempt: when any shadow the model keeps is
+missing, the whole EMA is rebuilt from the loaded weights (the counters too)."""
 
 _FAMILY_PATTERNS: dict[str, re.Pattern] = {
     "cond_time_stack_embed": re.compile(r"^model\.diffusion_model\.cond_time_stack_embed\."),
@@ -106,6 +109,11 @@ def _tensor_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
 
 
 def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_manifest(path)
+    return _read_file_unchecked(path)
+
+
+def _read_file_unchecked(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
@@ -120,14 +128,20 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _check_manifest(path: str) -> None:
-    """Refuse a vwm checkpoint directory whose MANIFEST.json does not match the files on disk."""
-    if os.path.isfile(os.path.join(path, "MANIFEST.json")):
-        from vwm.training.checkpointing import read_manifest
+    """Refuse a vwm checkpoint directory (or a file or DeepSpeed tag directory inside one) whose MANIFEST.json does
+    not match the files on disk: missing files, sizes, checksums (every byte is read)."""
+    from vwm.training.checkpointing import MANIFEST, read_manifest
 
-        try:
-            read_manifest(path)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from err
+    root = os.path.abspath(path)
+    for level in range(3):  # the directory itself, or the step-N/ above a file or DeepSpeed tag directory in it
+        named_step = re.match(r"^step-\d+$", os.path.basename(root)) is not None
+        if (level == 0 or named_step) and os.path.isfile(os.path.join(root, MANIFEST)):
+            try:
+                read_manifest(root, checksums=True)
+            except ValueError as err:
+                raise CheckpointError(str(err)) from err
+            return
+        root = os.path.dirname(root)
 
 
 def _read_shards(path: str, index: str) -> dict[str, torch.Tensor]:
@@ -142,7 +156,7 @@ def _read_shards(path: str, index: str) -> dict[str, torch.Tensor]:
         file = os.path.join(path, shard)
         if not os.path.isfile(file):
             raise CheckpointError(f"{file}: shard listed in {index} is missing")
-        sd.update(_read_file(file)[0])
+        sd.update(_read_file_unchecked(file)[0])
     lost = sorted(set(weight_map) - set(sd))
     if lost:
         raise CheckpointError(f"{index}: tensors listed but not found in the shards: {_format_keys(lost)}")
@@ -154,13 +168,13 @@ def _read_directory(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     if any(os.path.isfile(os.path.join(path, name)) for name in ("latest", "mp_rank_00_model_states.pt")):
         return merge_zero_checkpoint(path)
     if os.path.isfile(os.path.join(path, "lightning.ckpt")):  # a vwm DDP checkpoint directory
-        return _read_file(os.path.join(path, "lightning.ckpt"))
+        return _read_file_unchecked(os.path.join(path, "lightning.ckpt"))
     for name in ZERO_TO_FP32_FILES:  # DeepSpeed's zero_to_fp32.py output directory
         index = os.path.join(path, name + ".index.json")
         if os.path.isfile(index):
             return _read_shards(path, index), {}
         if os.path.isfile(os.path.join(path, name)):
-            return _read_file(os.path.join(path, name))
+            return _read_file_unchecked(os.path.join(path, name))
     raise CheckpointError(
         f"{path}: not a checkpoint directory: expected a DeepSpeed checkpoint ('latest' or "
         f"mp_rank_00_model_states.pt), lightning.ckpt, or zero_to_fp32 output "
@@ -210,6 +224,15 @@ def ema_shadows(sd: Mapping[str, torch.Tensor]) -> list[str]:
 def has_ema(sd: Mapping[str, torch.Tensor]) -> bool:
     """True when the state dict carries EMA shadows."""
     return bool(ema_shadows(sd))
+
+
+def check_ema_shadows(sd: Mapping[str, torch.Tensor], model_keys: Iterable[str], name: str) -> None:
+    """Refuse EMA shadows that belong to no weight, neither of the checkpoint nor of the model: a broken name
+    mapping, never something to skip (the same rule for `--finetune` and `bin_to_st.py`)."""
+    weights = {ema_key(k) for k in (*sd, *model_keys) if k.startswith("model.")}
+    orphans = [k for k in ema_shadows(sd) if k not in weights]
+    if orphans:
+        raise CheckpointError(f"{name}: EMA shadows without a matching weight: {_format_keys(orphans)}")
 
 
 def fold_ema(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -360,6 +383,12 @@ def check_state_dict(
     bad = [k for f, keys in by_family.items() if f == "other" or f not in allow_missing for k in keys]
     if bad:
         raise CheckpointError(f"{name}: missing keys the model needs: {_format_keys(bad)}")
+    for family, keys in by_family.items():
+        members = sum(family_of(k) == family for k in expected)
+        if family in WHOLE_FAMILIES and len(keys) < members:  # the phase adds a family whole, never in parts
+            raise CheckpointError(
+                f"{name}: has {members - len(keys)} of the {members} {family} tensors; a phase may lack a family "
+                f"only as a whole (then it is initialised), so these are missing: {_format_keys(keys)}")
 
     mismatched = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if mismatched:
@@ -394,10 +423,11 @@ def load_weights(
         sd, _ = read_state_dict(source)
         name = name or str(source)
     report = LoadReport(source=name)
+    expected = model.state_dict()
+    check_ema_shadows(sd, expected, name)
     if use_ema_weights and has_ema(sd):
         sd, report.ema_folded = fold_ema(sd)
 
-    expected = model.state_dict()
     model_has_lora = any(family_of(k) == "lora" for k in expected)
     if not model_has_lora and any(family_of(k) == "lora" for k in sd):
         sd, report.lora_merged = merge_lora(sd, lora_scale)
@@ -565,6 +595,17 @@ def zero_tag_dir(path: str) -> tuple[str, str]:
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
     raise CheckpointError(f"{path}: not a DeepSpeed checkpoint (no 'latest' file and no "
                           f"mp_rank_00_model_states.pt)")
+
+
+def verify_pickles(root: str, skip: Collection[str] = ()) -> None:
+    """Open every file under `root` with the restricted unpickler and DeepSpeed's allow-listed classes, except
+    Python scripts (DeepSpeed's zero_to_*.py), the manifest and the files named in `skip` (read as text by their
+    users); a file that needs more is refused before anything else unpickles it."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for folder, _, files in os.walk(root):
+            for name in sorted(files):
+                if name not in skip and not name.endswith(".py") and not name.startswith("MANIFEST.json"):
+                    _torch_load_safely(os.path.join(folder, name), mmap=True)
 
 
 def verify_zero_files(tag_dir: str) -> dict:

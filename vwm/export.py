@@ -27,8 +27,8 @@ from torch import nn
 
 from vwm.checkpoint import (
     CheckpointError,
+    check_ema_shadows,
     check_state_dict,
-    ema_key,
     ema_shadows,
     family_of,
     fill_from_ema,
@@ -420,6 +420,7 @@ def _prepare_weights(sd: dict[str, torch.Tensor], opts: ExportOptions, train_cfg
                                       if v.is_floating_point() and v.dtype != torch.float32)
     expected = build_model(train_cfg, device="meta").state_dict()
     sd, result.filled_from_ema = fill_from_ema(sd, expected)
+    check_ema_shadows(sd, expected, opts.src)
     check_state_dict(expected, sd, opts.src, allow_missing=("ema",))
     shadows = ema_shadows(sd)
     result.ema_shadows = len(shadows)
@@ -428,10 +429,6 @@ def _prepare_weights(sd: dict[str, torch.Tensor], opts: ExportOptions, train_cfg
         raise ValueError(f"--ema: {opts.src} has no EMA weights (model_ema.*); use --no-ema for raw weights")
     result.dropped = sorted(k for k in sd if k.startswith("model_ema.") and (not use_ema or k not in shadows))
     if use_ema:
-        weights = {ema_key(k) for k in sd if k.startswith("model.")}
-        orphans = [k for k in shadows if k not in weights]
-        if orphans:  # a shadow that maps to no weight means a broken name mapping, never something to skip
-            raise CheckpointError(f"{opts.src}: EMA shadows without a matching weight: {_list(orphans)}")
         sd, result.ema_folded = fold_ema(sd)
     return {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
 

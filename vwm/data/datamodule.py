@@ -4,10 +4,13 @@ the batch contract of docs/architecture.md. `Sampler` is the reference's name fo
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import math
 import os
+import signal
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
@@ -321,9 +324,38 @@ class ResumableDataLoader(DataLoader):
         """Start the sampler at a saved position."""
         self.sampler.set_start(state_dict["epoch"], state_dict["batches_consumed"])
 
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _track_workers(iterator)
+        return iterator
+
+
+_LIVE_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _track_workers(iterator: Any) -> None:
+    """Remember an iterator with workers, to shut them down at interpreter exit (registered after
+    multiprocessing's exit handler, so it runs first): multiprocessing would terminate them with SIGTERM, which
+    they ignore, then wait for them forever."""
+    if not _LIVE_WORKER_ITERATORS and not getattr(_track_workers, "registered", False):
+        atexit.register(_shutdown_live_workers)
+        _track_workers.registered = True
+    _LIVE_WORKER_ITERATORS.add(iterator)
+
+
+def _shutdown_live_workers() -> None:
+    for iterator in list(_LIVE_WORKER_ITERATORS):
+        iterator._shutdown_workers()  # done event + sentinel: the workers leave their loop and exit
+
 
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
+    # Schedulers signal every process of a job; torch's worker handler would let SIGTERM kill the worker (and
+    # with it the run, before it saves). Workers ignore the preemption signals: the trainer saves at the next
+    # step boundary and then shuts them down itself (or `_shutdown_live_workers` does, at exit).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class VideoDataModule(pl.LightningDataModule):
@@ -467,13 +499,15 @@ class VideoDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and workers, timeout=self.timeout if workers else 0.0,
             worker_init_fn=_worker_init if workers else None, position_fn=self.position)
 
-    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int
-                                 ) -> dict[str, torch.Tensor]:
-        """Record that a training step receives this batch: the data position moves past it."""
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Record that a training step receives this batch: the data position moves past it. The batch gets
+        `data_position`, the (epoch, stream position) of its first clip as host ints, which seeds the step."""
         trainer = self.trainer
-        if self._sampler is not None and trainer is not None and trainer.training and "sample_id" in batch:
-            epoch, position = batch["sample_id"][-1, :2].tolist()
-            self._sampler.mark_consumed(epoch, position)
+        if "sample_id" in batch:
+            batch["data_position"] = tuple(batch["sample_id"][0, :2].tolist())
+            if self._sampler is not None and trainer is not None and trainer.training:
+                epoch, position = batch["sample_id"][-1, :2].tolist()
+                self._sampler.mark_consumed(epoch, position)
         return batch
 
     def test_dataloader(self) -> ResumableDataLoader:

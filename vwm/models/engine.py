@@ -3,7 +3,7 @@
 It owns the network (`model.diffusion_model`), the preconditioning (`denoiser`), the conditioner, the frozen
 first stage (`first_stage_model`), the training loss, an optional sampler for logging and an EMA (`model_ema`).
 Attribute names reproduce the reference so checkpoints load without key surgery. Randomness on the training
-path comes from a generator seeded by (seed, rank, global step, batch index), so a resumed run draws exactly
+path comes from a generator seeded by (seed, rank, global step, data position), so a resumed run draws exactly
 the numbers the uninterrupted one would have.
 """
 
@@ -22,6 +22,7 @@ from torch import nn
 from vwm.config import instantiate
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
+from vwm.training.guards import check_update
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class DiffusionEngine(pl.LightningModule):
         self.learning_rate = 1e-4
         self.seed = 0
         self._nonfinite: torch.Tensor | None = None
+        self._skipped: torch.Tensor | None = None
 
         self.first_stage_model.eval().requires_grad_(False)
         if compile_model and hasattr(self.first_stage_model, "compile_encoder"):
@@ -238,30 +240,32 @@ class DiffusionEngine(pl.LightningModule):
         return self.loss_fn(self.model, self.denoiser, cond, z, generator=generator)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.compute_loss(batch, self.make_generator(self.global_step, batch_idx))
+        # Seeded by the data position (epoch, stream position) the DataModule tracks, which a resumed run restores
+        # exactly, unlike Lightning's batch_idx (it restarts differently after a stop on an epoch's last batch).
+        position = batch.get("data_position")
+        keys = (self.global_step, *position) if position is not None else (self.global_step, batch_idx)
+        out = self.compute_loss(batch, self.make_generator(*keys))
         bad = ~torch.isfinite(out.loss.detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if "n_skipped" in batch:
+            skipped = batch["n_skipped"].sum()
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
         bsz = next(batch[k] for k in (self.input_key, "latents", "latent_moments") if k in batch).shape[0]
         self.log("loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bsz)
         if out.hf is not None:
             self.log("loss_hf", out.hf.mean(), on_step=True, on_epoch=False, batch_size=bsz)
-        if "n_skipped" in batch:
-            self.log("data/skipped", batch["n_skipped"].sum().float(), on_step=True, on_epoch=False,
-                     reduce_fx="sum", batch_size=bsz)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        # All ranks agree before any update is applied: a non-finite loss anywhere stops every rank at this step.
-        if self._nonfinite is None:
-            return
-        flags = self.all_gather(self._nonfinite.float()).reshape(-1)
-        self._nonfinite = None
-        if flags.any():
-            ranks = [i for i, f in enumerate(flags.tolist()) if f]
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step} on rank(s) {ranks}; no update was applied. Resume "
-                f"from the last checkpoint with a lower learning rate or check the data of this step."
-            )
+        engine = self.trainer.model
+        if hasattr(engine, "is_gradient_accumulation_boundary") and not engine.is_gradient_accumulation_boundary():
+            return  # DeepSpeed calls this every micro-batch; its gradients are complete only at the boundary
+        # All ranks agree before any update is applied: a non-finite loss, gradient norm or learning rate anywhere
+        # stops every rank at this step.
+        check = check_update(self, optimizer, self._nonfinite, self._skipped)
+        self._nonfinite = self._skipped = None
+        self.log("grad_norm", check.grad_norm, on_step=True, on_epoch=False, batch_size=1)
+        self.log("data/skipped", check.skipped, on_step=True, on_epoch=False, batch_size=1)
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """Checkpoints that are either complete or ignored, saved every N optimizer steps, on signals and at the end.
 
-Protocol: every rank writes into `checkpoints/.step-N.partial/` (a fresh directory, never an overwrite); after the
-barrier rank 0 writes `MANIFEST.json` (step, strategy format, world size, every file with its size), fsyncs it and
-renames the directory to `checkpoints/step-N/`. Discovery accepts only directories whose manifest matches the files
-on disk, so a save killed at any point (or a later-truncated shard) is never resumed from. Older checkpoints are
-deleted only after the new one is committed.
+Protocol: every rank writes into `checkpoints/.step-N.partial/` (a fresh directory, never an overwrite), then fsyncs
+and checksums (CRC-32) the files it wrote itself; after the barrier rank 0 writes `MANIFEST.json` (step, strategy
+format, world size, every file with its size and checksum), fsyncs it and the directories and renames the directory
+to `checkpoints/step-N/`. Discovery accepts only directories whose manifest matches the files on disk, byte for
+byte, so a save killed at any point, a later-truncated shard or a flipped bit is never resumed from: the newest
+intact checkpoint is used instead, with a warning. Older checkpoints are deleted only after the new one is
+committed. A checkpoint whose weights or EMA hold NaN/Inf is never committed.
 
 SIGTERM and SIGUSR1 only set a flag; at the next step boundary the ranks agree (all-reduce) and all save, then the
 run stops and the CLI exits non-zero (and asks SLURM to requeue on SIGUSR1 when running under SLURM).
@@ -12,25 +14,37 @@ run stops and the CLI exits non-zero (and asks SLURM to requeue on SIGUSR1 when 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy
+
+from vwm.training.guards import non_finite_tensors
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
+MANIFEST_VERSION = 2
+"""Version 2 records {"bytes", "crc32"} per file; version 1 (sizes only) is still read."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+_NOT_PICKLES = ("latest",)
+"""Files of a checkpoint directory, besides Python scripts, that no resume path unpickles (DeepSpeed reads
+`latest` as text)."""
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file's or a directory's (entries') data to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,31 +52,53 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _files_with_sizes(root: str) -> dict[str, int]:
-    out = {}
+def file_crc32(path: str, chunk: int = 1 << 24) -> str:
+    """CRC-32 (zlib's, as zip and gzip use) of a file's bytes, streamed in 16 MiB chunks, as 8 hex digits."""
+    crc = 0
+    view = memoryview(bytearray(chunk))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc:08x}"
+
+
+def checkpoint_files(root: str) -> list[str]:
+    """Every file of a checkpoint directory (relative paths, sorted), the manifest excluded."""
+    out = []
     for folder, _, files in os.walk(root):
-        for name in files:
-            if name == MANIFEST:
-                continue
-            path = os.path.join(folder, name)
-            out[os.path.relpath(path, root)] = os.path.getsize(path)
+        out.extend(os.path.relpath(os.path.join(folder, name), root) for name in files
+                   if not (folder == root and name.startswith(MANIFEST)))
+    return sorted(out)
+
+
+def seal_files(root: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """fsync the given files of `root` and record {"bytes", "crc32"} for each."""
+    out = {}
+    for rel in names:
+        path = os.path.join(root, rel)
+        _fsync(path)
+        out[rel] = {"bytes": os.path.getsize(path), "crc32": file_crc32(path)}
     return out
 
 
-def write_manifest(root: str, info: dict[str, Any]) -> None:
-    """Record every file of a checkpoint directory with its size, atomically (tmp, fsync, rename)."""
-    manifest = {**info, "files": _files_with_sizes(root)}
+def write_manifest(root: str, info: dict[str, Any], files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record every file of a checkpoint directory with its size and CRC-32 (`files`: already sealed ones, else
+    all files are sealed here), atomically (tmp, fsync, rename), then fsync the directories."""
+    files = files if files is not None else seal_files(root, checkpoint_files(root))
+    manifest = {**info, "manifest_version": MANIFEST_VERSION, "files": dict(sorted(files.items()))}
     tmp = os.path.join(root, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, MANIFEST))
-    _fsync_dir(root)
+    for folder, _, _ in os.walk(root):
+        _fsync(folder)
 
 
-def read_manifest(root: str) -> dict[str, Any]:
-    """The manifest of a committed checkpoint; raises ValueError naming what does not match the disk."""
+def read_manifest(root: str, checksums: bool = False) -> dict[str, Any]:
+    """The manifest of a committed checkpoint; raises ValueError naming what does not match the disk: a missing
+    file, a size, or (with `checksums`, which reads every byte) a CRC-32."""
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         raise ValueError(f"{root}: no {MANIFEST} (incomplete save)")
@@ -71,12 +107,16 @@ def read_manifest(root: str) -> dict[str, Any]:
             manifest = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: unreadable manifest ({err})") from err
-    for rel, size in manifest.get("files", {}).items():
+    for rel, entry in manifest.get("files", {}).items():
+        size, crc = (entry, None) if isinstance(entry, int) else (entry.get("bytes"), entry.get("crc32"))
         file = os.path.join(root, rel)
         if not os.path.isfile(file):
             raise ValueError(f"{root}: file {rel} listed in the manifest is missing")
         if os.path.getsize(file) != size:
             raise ValueError(f"{root}: file {rel} has {os.path.getsize(file)} bytes, manifest says {size}")
+        if checksums and crc is not None and file_crc32(file) != crc:
+            raise ValueError(f"{root}: file {rel}: content does not match its checksum (crc32 {file_crc32(file)}, "
+                             f"manifest {crc}): the file was damaged after it was written")
     return manifest
 
 
@@ -92,26 +132,60 @@ def committed_checkpoints(dirpath: str) -> Iterator[tuple[int, str]]:
     return iter(sorted(found, reverse=True))
 
 
-def latest_checkpoint(dirpath: str) -> tuple[str, dict[str, Any]] | None:
-    """Newest checkpoint whose manifest matches the disk, with its manifest; invalid ones are logged and skipped."""
+def latest_checkpoint(dirpath: str, checksums: bool = True) -> tuple[str, dict[str, Any]] | None:
+    """Newest checkpoint whose manifest matches the disk (every checksum, unless `checksums` is False), with its
+    manifest; damaged or incomplete ones are skipped with a warning naming the file."""
+    skipped = []
     for _, path in committed_checkpoints(dirpath):
         try:
-            return path, read_manifest(path)
+            manifest = read_manifest(path, checksums=checksums)
         except ValueError as err:
             log.warning("skipping checkpoint %s", err)
+            skipped.append(os.path.basename(path))
+            continue
+        if skipped:
+            log.warning("resuming from %s, the newest intact checkpoint (skipped %s)", os.path.basename(path),
+                        ", ".join(skipped))
+        return path, manifest
     return None
 
 
-def resume_target(path: str, manifest: dict[str, Any]) -> str:
-    """What to pass to `Trainer.fit(ckpt_path=...)` for a committed checkpoint directory, after checking that every
-    pickle in it opens with the restricted (weights-only) unpickler, since DeepSpeed's loader does not restrict."""
-    from vwm.checkpoint import verify_zero_files, zero_tag_dir
+def resume_target(path: str, manifest: dict[str, Any], deepspeed: bool) -> str:
+    """What to pass to `Trainer.fit(ckpt_path=...)` for a committed checkpoint directory. Every file any resume
+    path could unpickle is first opened with the restricted (weights-only) unpickler, whatever the manifest says
+    (DeepSpeed's own loader does not restrict); then the layout must be the one the run's strategy loads."""
+    from vwm.checkpoint import CheckpointError, verify_pickles, verify_zero_files, zero_tag_dir
 
-    if manifest.get("format") == "deepspeed":
+    verify_pickles(path, skip=_NOT_PICKLES)
+    wanted = "deepspeed" if deepspeed else "lightning"
+    if manifest.get("format") != wanted:
+        raise CheckpointError(
+            f"{path}: a {manifest.get('format')!r} checkpoint, but this run's strategy resumes only {wanted!r} "
+            f"ones (lightning.trainer.strategy deepspeed_stage_1/2 write 'deepspeed', ddp and auto 'lightning'); "
+            f"resume with the strategy that wrote it")
+    if deepspeed:
         ckpt_dir, tag = zero_tag_dir(path)
         verify_zero_files(os.path.join(ckpt_dir, tag))
         return path
-    return os.path.join(path, "lightning.ckpt")
+    target = os.path.join(path, "lightning.ckpt")
+    if not os.path.isfile(target):
+        raise CheckpointError(f"{target}: missing or not a file (a 'lightning' checkpoint is one file)")
+    return target
+
+
+def _writer_rank(rel: str, world_size: int) -> int:
+    """The rank that wrote a checkpoint file: DeepSpeed's optimizer shard of rank r, everything else rank 0."""
+    m = _SHARD_RANK.search(os.path.basename(rel))
+    rank = int(m.group(1)) if m else 0
+    return rank if rank < world_size else 0
+
+
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 class CheckpointEvery(pl.Callback):
@@ -173,30 +247,67 @@ class CheckpointEvery(pl.Callback):
         final = os.path.join(self.dirpath, f"step-{step:09d}")
         partial = os.path.join(self.dirpath, f".step-{step:09d}.partial")
         deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        self._refuse_non_finite(trainer, step)
         if trainer.is_global_zero:
             if os.path.isdir(partial):
                 shutil.rmtree(partial)  # leftover of a save that was killed
             os.makedirs(partial if not deepspeed else self.dirpath, exist_ok=True)
         trainer.strategy.barrier("vwm_checkpoint_prepare")
         target = partial if deepspeed else os.path.join(partial, "lightning.ckpt")
-        # Lightning's weights_only=False here means "write the full training state" (nothing is unpickled).
-        trainer.save_checkpoint(target, weights_only=False)  # ends with a barrier: every rank's files are written
+        rank, world = trainer.global_rank, trainer.world_size
+        try:
+            # Lightning's weights_only=False here means "write the full training state" (nothing is unpickled).
+            trainer.save_checkpoint(target, weights_only=False)  # ends with a barrier: every rank's files exist
+            # Each rank fsyncs and checksums the files it wrote (in parallel, from its page cache).
+            own = seal_files(partial, [f for f in checkpoint_files(partial) if _writer_rank(f, world) == rank])
+        except OSError as err:
+            raise self._write_error(err, step, partial) from err
+        sealed = _gather_objects(own, world)
         if trainer.is_global_zero:
-            write_manifest(partial, {
-                **self.info,
-                "step": step,
-                "format": "deepspeed" if deepspeed else "lightning",
-                "world_size": trainer.world_size,
-            })
+            info = {**self.info, "step": step, "format": "deepspeed" if deepspeed else "lightning",
+                    "world_size": world}
+            try:
+                write_manifest(partial, info, files={rel: entry for part in sealed for rel, entry in part.items()})
+            except OSError as err:
+                raise self._write_error(err, step, partial) from err
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _fsync_dir(self.dirpath)
+            _fsync(self.dirpath)
             self._prune(keep=final)
             log.info("checkpoint committed: %s", final)
         trainer.strategy.barrier("vwm_checkpoint_commit")
         self._last_saved = step
         return final
+
+    def _previous(self) -> str:
+        newest = next(committed_checkpoints(self.dirpath), None)
+        return os.path.basename(newest[1]) if newest else "(none yet)"
+
+    def _refuse_non_finite(self, trainer: pl.Trainer, step: int) -> None:
+        """Stop every rank, committing nothing, when any rank's weights, EMA or buffers hold NaN/Inf."""
+        bad = non_finite_tensors(trainer.lightning_module)
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            where = "tensors of another rank"
+            if bad:
+                where = ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
+            raise FloatingPointError(
+                f"refusing to commit checkpoint step {step}: non-finite values in {where}. The previous checkpoint "
+                f"{self._previous()} is kept; resume from it with --resume auto (lower the learning rate or check "
+                f"the data of the last steps)")
+
+    def _write_error(self, err: OSError, step: int, partial: str) -> OSError:
+        """The OSError of a failed checkpoint write, saying which disk and that the previous checkpoint is intact."""
+        previous = self._previous()
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(self.dirpath).free
+            return OSError(err.errno, (
+                f"no space left on the device holding {self.dirpath} ({free / 2**30:.2f} GiB free, "
+                f"{os.strerror(err.errno)}) while writing checkpoint step {step}. The previous checkpoint "
+                f"{previous} is intact; free space (or lower lightning.checkpoint.keep_last), remove {partial}, "
+                f"then rerun with --resume auto"))
+        return OSError(err.errno, f"writing checkpoint step {step} into {partial} failed ({err}); the previous "
+                                  f"checkpoint {previous} is intact")
 
     def _prune(self, keep: str) -> None:
         for i, (_, path) in enumerate(committed_checkpoints(self.dirpath)):

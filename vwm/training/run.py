@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vwm.checkpoint import load_finetune
@@ -31,6 +32,7 @@ from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
 from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
 from vwm.training.preflight import build_loggers, check_data, default_run_name, initial_weights, resolve_launch
 from vwm.training.progress import StepProgressBar, summarize
+from vwm.training.runlock import lock_run_directory
 from vwm.training.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -135,12 +137,22 @@ def check_resume_config(run_dir: str, cfg: DictConfig) -> None:
 
 @rank_zero_only
 def _truncate_metrics(path: str, step: int) -> None:
+    """Keep the rows of steps <= `step` (0 for a fresh start); a row torn by a kill mid-write is dropped."""
     if not os.path.isfile(path):
         return
+    rows = []
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
+        for line in filter(str.strip, f):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: dropping a torn row %r", path, line[:60])
+                continue
+            if row.get("step", 0) <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
         f.writelines(rows)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -186,8 +198,8 @@ def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], 
     fwd = unet_forward_flops(network, frames, height, width, downsample=down)
     batch = int(data_params.get("batch_size", 1))
     callbacks: list = [
+        MetricsFile(os.path.join(run_dir, "metrics.jsonl")),  # before the checkpoint: a committed step has its row
         ckpt,
-        MetricsFile(os.path.join(run_dir, "metrics.jsonl")),
         ThroughputMonitor(batch * world, frames * (height // down) * (width // down), 3 * fwd),
         LearningRateMonitor(logging_interval="step"),
         StepProgressBar(clips_per_step=batch * world),
@@ -211,7 +223,7 @@ def prepare(opts: TrainOptions) -> tuple[DictConfig, str, str | None]:
     run_dir, explicit = run_dir_for(opts)
     resume = None
     if explicit:
-        read_manifest(explicit)
+        read_manifest(explicit, checksums=True)
         resume = explicit
     elif opts.resume:
         found = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
@@ -219,14 +231,23 @@ def prepare(opts: TrainOptions) -> tuple[DictConfig, str, str | None]:
             log.info("--resume %s: no complete checkpoint in %s, starting fresh", opts.resume, run_dir)
         else:
             resume = found[0]
-    elif latest_checkpoint(os.path.join(run_dir, "checkpoints")) is not None:
+    elif latest_checkpoint(os.path.join(run_dir, "checkpoints"), checksums=False) is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or --name "
                               f"for a new run")
     return cfg, run_dir, resume
 
 
 def train(opts: TrainOptions) -> int:
-    """Run (or resume) training; returns the process exit code."""
+    """Run (or resume) training holding the run directory's lock; returns the process exit code."""
+    lock = lock_run_directory(run_dir_for(opts)[0])
+    try:
+        return _train(opts)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(opts: TrainOptions) -> int:
     if opts.enable_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -260,8 +281,7 @@ def train(opts: TrainOptions) -> int:
         strategy.config["train_micro_batch_size_per_gpu"] = int(data_params.get("batch_size", 1))
     info = {"finetune": os.path.abspath(weights.path)} if weights.source in ("finetune", "default") else {}
     callbacks, ckpt = build_callbacks(cfg, run_dir, data_params, world, info)
-    if resume:
-        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]))
+    _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]) if resume else 0)
     write_run_files(run_dir, cfg)
     config_steps = trainer_cfg.pop("max_steps", -1)
     max_steps = opts.max_steps if opts.max_steps is not None else config_steps
@@ -275,7 +295,8 @@ def train(opts: TrainOptions) -> int:
         default_root_dir=run_dir, enable_checkpointing=False, callbacks=callbacks,
         logger=loggers or False, **trainer_cfg,
     )
-    ckpt_path = resume_target(resume, read_manifest(resume)) if resume else None
+    deepspeed = isinstance(strategy, DeepSpeedStrategy)
+    ckpt_path = resume_target(resume, read_manifest(resume), deepspeed) if resume else None
     started, first_step = time.perf_counter(), int(read_manifest(resume)["step"]) if resume else 0
     trainer.fit(engine, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.is_global_zero:
@@ -299,6 +320,10 @@ def _after_signal(signum: int) -> int:
     if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID") and rank_zero_only.rank == 0:
         job = os.environ.get("SLURM_ARRAY_JOB_ID")
         job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
-        result = subprocess.run(["scontrol", "requeue", job], check=False)
-        log.warning("requested SLURM requeue of job %s (exit %d)", job, result.returncode)
+        try:  # best effort: the checkpoint is saved whatever happens here
+            result = subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+            log.warning("requested SLURM requeue of job %s (scontrol exit %d)", job, result.returncode)
+        except (OSError, subprocess.SubprocessError) as err:
+            log.warning("SLURM requeue of job %s not requested: scontrol failed (%s); requeue it yourself "
+                        "(scontrol requeue %s) or resubmit, with --resume auto", job, err, job)
     return EXIT_SIGNAL_BASE + int(signum)

@@ -95,6 +95,9 @@ class VWMDeepSpeedStrategy(DeepSpeedStrategy):
                 lr_scheduler=lr_scheduler,
                 dist_init_required=False,
             )
+        from vwm.training.deepspeed_io import write_through_python_files
+
+        write_through_python_files(engine)
         return engine, ds_optimizer
 
 
