@@ -4,13 +4,13 @@ the batch contract of docs/architecture.md. `Sampler` is the reference's name fo
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import logging
 import math
+import multiprocessing
 import os
 import signal
-import weakref
+import threading
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
@@ -39,6 +39,8 @@ DERIVED_PARAMS = ("num_frames", "target_height", "target_width")
 STATE_VERSION = 1
 FRACTION_WARMUP = 100
 """Draws a worker makes before `max_failure_fraction` is enforced."""
+EXIT_TERMINATED = 128 + signal.SIGTERM
+"""Exit code of a worker its training process terminated."""
 
 
 class DataBudgetError(RuntimeError):
@@ -324,38 +326,31 @@ class ResumableDataLoader(DataLoader):
         """Start the sampler at a saved position."""
         self.sampler.set_start(state_dict["epoch"], state_dict["batches_consumed"])
 
-    def _get_iterator(self) -> Any:
-        iterator = super()._get_iterator()
-        if self.num_workers > 0:
-            _track_workers(iterator)
-        return iterator
-
-
-_LIVE_WORKER_ITERATORS: weakref.WeakSet = weakref.WeakSet()
-
-
-def _track_workers(iterator: Any) -> None:
-    """Remember an iterator with workers, to shut them down at interpreter exit (registered after
-    multiprocessing's exit handler, so it runs first): multiprocessing would terminate them with SIGTERM, which
-    they ignore, then wait for them forever."""
-    if not _LIVE_WORKER_ITERATORS and not getattr(_track_workers, "registered", False):
-        atexit.register(_shutdown_live_workers)
-        _track_workers.registered = True
-    _LIVE_WORKER_ITERATORS.add(iterator)
-
-
-def _shutdown_live_workers() -> None:
-    for iterator in list(_LIVE_WORKER_ITERATORS):
-        iterator._shutdown_workers()  # done event + sentinel: the workers leave their loop and exit
-
 
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
-    # Schedulers signal every process of a job; torch's worker handler would let SIGTERM kill the worker (and
-    # with it the run, before it saves). Workers ignore the preemption signals: the trainer saves at the next
-    # step boundary and then shuts them down itself (or `_shutdown_live_workers` does, at exit).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _ignore_preemption_signals()
+
+
+def _ignore_preemption_signals() -> None:
+    """Let this DataLoader worker outlive SIGTERM and SIGUSR1 sent to the whole job (schedulers signal every
+    process; torch's worker handler would let SIGTERM kill it, and the run with it, before the trainer saves at
+    the next step), while its own training process can still stop it with SIGTERM (torch's `terminate()` of a
+    worker that does not exit, multiprocessing's at exit). The signals are blocked in every thread of the worker
+    and a daemon thread takes them with `sigwaitinfo`, which names the sender (Linux; elsewhere torch's default)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = getattr(multiprocessing.parent_process(), "pid", None) or os.getppid()  # the process that started us
+    signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # threads started later inherit the mask
+
+    def take_signals() -> None:
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(EXIT_TERMINATED)
+
+    threading.Thread(target=take_signals, name="vwm-worker-signals", daemon=True).start()
 
 
 class VideoDataModule(pl.LightningDataModule):
