@@ -39,10 +39,9 @@ def test_every_shipped_and_reference_config_passes_the_schema(path):
     ("lightning.checkpoint.every_n_steps=often", r"lightning\.checkpoint\.every_n_steps='often' is invalid; "
                                                  r"allowed: an integer >= 1"),
     ("lightning.checkpoint.keep_last=0", r"lightning\.checkpoint\.keep_last=0 is invalid"),
-    ("model.base_learning_rate=fast", r"model\.base_learning_rate='fast' is invalid; allowed: a finite number > 0"),
+    ("model.base_learning_rate=fast", r"model\.base_learning_rate='fast' is invalid; allowed: a finite number >= 0"),
     ("model.base_learning_rate=-1.0e-4", r"model\.base_learning_rate=-0\.0001 is invalid"),
     ("model.base_learning_rate=.inf", r"model\.base_learning_rate=inf is invalid"),
-    ("model.base_learning_rate=0", r"model\.base_learning_rate=0 is invalid"),
     ("model.params.ema_decay_rate=1.5", r"model\.params\.ema_decay_rate=1\.5 is invalid"),
     ("data.params.target_height=300", r"data\.params\.target_height=300 is invalid; allowed: a positive multiple "
                                       r"of 64"),
@@ -73,7 +72,7 @@ def test_schema_errors_name_the_key(override, message):
 def test_a_number_written_as_text_is_explained(tmp_path):
     path = tmp_path / "lr.yaml"
     path.write_text(f"_base_: {TINY}\nmodel:\n  base_learning_rate: '1e-5'\n")
-    with pytest.raises(ConfigError, match=r"model\.base_learning_rate='1e-5' is invalid; allowed: a finite number > "
+    with pytest.raises(ConfigError, match=r"model\.base_learning_rate='1e-5' is invalid; allowed: a finite number >= "
                                           r"0 \(YAML reads '1e-5' as text: write it with a decimal point, e\.g\. "
                                           r"1\.0e-5\)"):
         load_config(str(path))

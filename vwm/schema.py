@@ -130,13 +130,14 @@ TOP_LEVEL: dict[str, str] = {
 """Top-level keys of a config."""
 
 MODEL_KEYS: dict[str, Rule] = {
-    "base_learning_rate": Rule(number(0.0, low_open=True), "learning rate of the optimizer, > 0; "
+    "base_learning_rate": Rule(number(0.0), "learning rate of the optimizer, >= 0 (0 freezes the weights, e.g. "
+                               "to measure evaluation noise); "
                                "--scale_lr multiplies it by accumulation x world size x batch size"),
 }
 """Keys of the model node beside target/params (all other non-reserved keys are constructor arguments)."""
 
 OPTIMIZER_PARAMS: dict[str, Rule] = {
-    "lr": Rule(number(0.0, low_open=True), "optimizer learning rate, > 0"),
+    "lr": Rule(number(0.0), "optimizer learning rate, >= 0"),
     "weight_decay": Rule(number(0.0), "optimizer weight decay, >= 0"),
     "eps": Rule(number(0.0, low_open=True), "optimizer epsilon, > 0"),
 }
