@@ -95,8 +95,8 @@ def action_use(engine, batch: dict, sigmas: list[float]) -> dict:
 @torch.no_grad()
 def steering_test(engine, cfg, indices: list[int], settings: RolloutSettings, speed: float, steer_deg: float,
                   prepared: bool = False, ema: bool = True, save: str | None = None) -> dict:
-    """The demo's measures on EMA rollouts (the live weights with ema=False) from the held-out TOY start frames of
-    sample.py (seed 1): lateral motion and its sign test, PSNR against the true future. `prepared`: the engine
+    """The demo's measures on EMA rollouts (the live weights with ema=False) from the held-out TOY start frames
+    of sample.py (seed 1): lateral motion and its sign test, PSNR against the true future. `prepared`: the engine
     already holds the weights to sample (an export) and may be changed in place. `save`: an .npz path for the
     generated frames (uint8 (N, T, 3, H, W) per direction). With OpenCV installed, also the action-following
     score of the rollouts (heading error against the commanded trajectory, as scripts/demo.py reports it)."""
@@ -132,7 +132,8 @@ def steering_test(engine, cfg, indices: list[int], settings: RolloutSettings, sp
         psnr += [psnr_per_frame(g[1:], r[1:]) for g, r in zip(generated, real)]
         saved[name] = generated
         if camera is not None:
-            scores += [score_clip(g, c.actions["trajectory"].numpy(), camera) for g, c in zip(generated, clips)]
+            scores += [score_clip(g, c.actions["trajectory"].numpy(), camera)
+                       for g, c in zip(generated, clips)]
     psnr_frames = np.mean(psnr, axis=0)
     result["psnr_db_per_frame"] = [round(float(v), 2) for v in psnr_frames]
     result["psnr_db_mean"] = round(float(psnr_frames.mean()), 3)
@@ -187,15 +188,16 @@ def final_variants(engine, cfg, args, common: dict) -> None:
     for weights in ("ema", "live") if args.weights == "both" else (args.weights,):
         for variant in args.sampling or [None]:
             settings = parse_sampling(variant) if variant else RolloutSettings(
-                n_steps=args.n_steps, cfg_scale=args.cfg_scale, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
+                n_steps=args.n_steps, cfg_scale=args.cfg_scale, sigma_min=args.sigma_min,
+                sigma_max=args.sigma_max)
             save = None
             if args.save_frames:
                 os.makedirs(args.save_frames, exist_ok=True)
                 label = variant.replace(":", "_") if variant else "default"
                 save = os.path.join(args.save_frames, f"{args.tag or 'probe'}_{weights}_{label}.npz")
             t0 = time.perf_counter()
-            row = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG, ema=weights == "ema",
-                                save=save)
+            row = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG,
+                                ema=weights == "ema", save=save)
             print(json.dumps({**common, "step": args.steps, "weights": weights, "variant": variant,
                               "seconds": round(time.perf_counter() - t0, 1), "steering": row}), flush=True)
 
@@ -215,8 +217,8 @@ def main() -> int:
     p.add_argument("--sigma_max", type=float, default=SAMPLING["sigma_max"], help="rollout test: first sigma")
     p.add_argument("--ckpt", default=None, help="evaluate this export (bin_to_st.py) instead of training")
     p.add_argument("--sampling", nargs="+", default=None, metavar="STEPS:CFG:SIGMA_MIN:SIGMA_MAX",
-                   help="sampler variants to test on the export (--ckpt) or after training (default: the flags "
-                        "above)")
+                   help="sampler variants to test on the export (--ckpt) or after training (default: the "
+                        "flags above)")
     p.add_argument("--weights", choices=("ema", "live", "both"), default="ema",
                    help="after training: rollouts of the EMA weights, the live ones or both")
     p.add_argument("--save_frames", default=None, metavar="DIR",

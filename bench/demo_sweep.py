@@ -104,7 +104,7 @@ def main() -> int:
     t0 = time.time()
     procs = []
     for name in names:
-        # each variant's JSON lines go to their own file as they come, so a run cut short keeps what it measured
+        # each variant's JSON lines go to their own file as they come: a run cut short keeps what it measured
         log, rows = open(f"{args.out}.{name}.log", "w"), open(f"{args.out}.{name}.jsonl", "w")
         cmd = [sys.executable, os.path.join(REPO, "bench", "demo_probe.py"), "--steps", str(args.steps),
                "--eval_every", str(args.eval_every), "--steer_every_eval", "--tag", name,

@@ -27,8 +27,8 @@ class EDMSampling:
 
     `mixture` adds further normal components, [p_mean, p_std, probability] each; N(p_mean, p_std^2) keeps the
     remaining probability. For a model that must learn two things at different noise: the demo's
-    (configs/demo/toyworld.yaml) puts most steps at high noise, where the actions decide the layout of the future
-    frames, and the rest at low noise, where the fine detail (lane markings) is resolved.
+    (configs/demo/toyworld.yaml) puts most steps at high noise, where the actions decide the layout of the
+    future frames, and the rest at low noise, where the fine detail (lane markings) is resolved.
     """
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, mixture: list[list[float]] | None = None):
