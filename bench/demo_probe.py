@@ -180,10 +180,10 @@ def parse_sampling(variant: str) -> RolloutSettings:
                            sigma_max=float(sigma_max))
 
 
-def final_variants(engine, cfg, args, common: dict) -> None:
-    """After training: the rollout test under each --sampling variant, with the EMA and/or the live weights
-    (--weights); one JSON line each, frames saved under --save_frames."""
-    if not args.sampling and args.weights == "ema":
+def final_variants(engine, cfg, args, common: dict, force: bool = False) -> None:
+    """After training (or on a --load_model state): the rollout test under each --sampling variant, with the EMA
+    and/or the live weights (--weights); one JSON line each, frames saved under --save_frames."""
+    if not args.sampling and args.weights == "ema" and not force:
         return
     for weights in ("ema", "live") if args.weights == "both" else (args.weights,):
         for variant in args.sampling or [None]:
@@ -221,6 +221,11 @@ def main() -> int:
                         "flags above)")
     p.add_argument("--weights", choices=("ema", "live", "both"), default="ema",
                    help="after training: rollouts of the EMA weights, the live ones or both")
+    p.add_argument("--save_model", default=None, metavar="PATH",
+                   help="after training: save the model's state (live and EMA weights) to PATH (torch.save)")
+    p.add_argument("--load_model", default=None, metavar="PATH",
+                   help="train nothing: load a --save_model state into the config (same overrides) and run the "
+                        "rollout test of each --sampling variant")
     p.add_argument("--save_frames", default=None, metavar="DIR",
                    help="after training: save the generated and true frames of each final variant (.npz)")
     p.add_argument("--seed", type=int, default=0)
@@ -236,6 +241,11 @@ def main() -> int:
                                sigma_max=args.sigma_max)
     cfg = load_config([args.config], args.overrides)
     engine = build_model(cfg).to(dev)
+    common = {"tag": args.tag, "overrides": args.overrides, "device": str(dev)}
+    if args.load_model:
+        engine.load_state_dict(torch.load(args.load_model, map_location=dev)["state_dict"])
+        final_variants(engine, cfg, args, common, force=True)
+        return 0
     engine.train()
     engine.learning_rate = float(cfg.model.get("base_learning_rate", 1e-4))  # as train.py without --scale_lr
     opt = engine.configure_optimizers()
@@ -248,7 +258,6 @@ def main() -> int:
     held_out = to_device(eval_batch(cfg, 16, seed=1), dev)
     clip = float(cfg.get("lightning", {}).get("trainer", {}).get("gradient_clip_val") or 0.0)
     params = [q for g in opt.param_groups for q in g["params"]]
-    common = {"tag": args.tag, "overrides": args.overrides, "device": str(dev)}
 
     step, losses, t0 = 0, [], time.perf_counter()
     while step < args.steps:
@@ -275,6 +284,9 @@ def main() -> int:
                     row["steering"] = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG)
                 print(json.dumps(row), flush=True)
                 if step == args.steps:
+                    if args.save_model:
+                        torch.save({"state_dict": engine.state_dict(), "overrides": args.overrides,
+                                    "steps": step}, args.save_model)
                     final_variants(engine, cfg, args, common)
             if step == args.steps:
                 break

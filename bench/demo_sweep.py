@@ -23,6 +23,7 @@ VECTOR = [*(f"{EMB}.{i}.params.add_sequence_dim=False" for i in ACTION_EMBEDDERS
           f"{NET}.adm_in_channels={768 + 128 * ACTION_FEATURES}", f"{NET}.action_control=False"]
 """Actions as vector conditioning (added to the timestep embedding of every res block) instead of cross-attention."""
 SIGMA = "model.params.loss_fn_config.params.sigma_sampler_config.params"
+DENOISER = "model.params.denoiser_config.params.scaling_config"
 
 
 def lr(value: float) -> list[str]:
@@ -33,6 +34,12 @@ def sigma(p_mean: float, p_std: float, *mixture: tuple[float, float, float]) -> 
     """ln sigma ~ N(p_mean, p_std^2), or a mixture with further (p_mean, p_std, probability) components."""
     extra = ",".join(f"[{m},{s},{w}]" for m, s, w in mixture)
     return [f"{SIGMA}.p_mean={p_mean}", f"{SIGMA}.p_std={p_std}", f"{SIGMA}.mixture=[{extra}]"]
+
+
+def edm_scaling(sigma_data: float) -> list[str]:
+    """EDM preconditioning with data std sigma_data instead of v-prediction (which is EDM's with 1): the skip path
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) carries less of the noisy input into the denoised estimate."""
+    return [f"{DENOISER}.target=vwm.diffusion.denoiser.EDMScaling", f"{DENOISER}.params.sigma_data={sigma_data}"]
 
 
 def channels(n: int) -> list[str]:
@@ -83,6 +90,8 @@ VARIANTS: dict[str, list[str]] = {
     "c32_mix_mid30": C32 + sigma(1.5, 1.0, (-0.5, 1.2, 0.3)) + lr(1e-3),
     "c32_higher_lr1e-3_decay": C32 + HIGHER + lr(1e-3) + LR_DECAY,
     "c32_mix_lo30_decay": C32 + MIX_LO30 + lr(1e-3) + LR_DECAY,
+    "c32_higher_lr1e-3_edm0.5": C32 + HIGHER + lr(1e-3) + edm_scaling(0.5),
+    "c32_higher_lr1e-3_edm0.25": C32 + HIGHER + lr(1e-3) + edm_scaling(0.25),
 }
 
 
