@@ -206,7 +206,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], 
     ]
     for name, node in (to_container(OmegaConf.select(cfg, "lightning.callbacks")) or {}).items():
         extra = {"out_dir": os.path.join(run_dir, "videos")} if node.get("target", "").endswith("VideoLogger") else {}
-        callbacks.append(instantiate(node, **extra))
+        callbacks.append(instantiate(node, f"lightning.callbacks.{name}", **extra))
     return callbacks, ckpt
 
 
@@ -273,7 +273,7 @@ def _train(opts: TrainOptions) -> int:
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
     if weights.source in ("finetune", "default"):
         load_finetune(engine, weights.path, to_container(cfg.model))
-    datamodule = instantiate(cfg.data, seed=opts.seed, subsets=data_plan.subsets)
+    datamodule = instantiate(cfg.data, "data.params", seed=opts.seed, subsets=data_plan.subsets)
 
     strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
     strategy = build_strategy(strategy_name, to_container(cfg.get("lightning")) or {})
