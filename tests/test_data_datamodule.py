@@ -314,6 +314,23 @@ def test_a_new_world_size_continues_the_stream_without_repeating_or_skipping(sav
         assert dm.position() == (1, 0)
 
 
+def test_batches_prefetched_for_an_epoch_the_trainer_ends_early_are_drawn_again():
+    # A trainer may end its epoch before the data epoch ends (its batch count restored from a run on more ranks,
+    # or limit_train_batches), after the workers drew the epoch's last indices; only consumed batches count.
+    from types import SimpleNamespace
+
+    dm = _dm([FakeSubset(30)], batch_size=2, samples_per_epoch=8, num_workers=2)
+    dm.setup()
+    dm.trainer = SimpleNamespace(training=True)
+    dm.set_position(0, 6)
+    loader = dm.train_dataloader()
+    batches = iter(loader)  # the workers draw the last batch (positions 6, 7) at once
+    del batches  # and the trainer's epoch ends before using it
+    assert dm.position() == (0, 6)
+    rest = [r[:2] for batch in loader for r in batch["sample_id"].tolist()]
+    assert rest == [[0, 6], [0, 7]]
+
+
 def test_a_version_1_data_state_counts_batches_per_rank():
     dm = _dm([FakeSubset(40)], batch_size=3, samples_per_epoch=20)
     dm.setup(rank=0, world_size=1)

@@ -277,16 +277,20 @@ class ClipSampler(DistributedSampler):
     epoch all ranks together consumed; from it rank r takes positions position + k * world_size + r, padded to
     whole batches (every rank runs the same number of steps). The cursor is the same for any world size, so a run
     resumed on another number of processes continues the stream where it stopped. An iteration runs to the end of
-    that epoch, and drawing an epoch to its end moves the cursor to the next one. A DistributedSampler subclass so
+    that epoch. With `consumption_tracked` (a trainer marks the batches its steps receive) only that moves the
+    cursor: DataLoader workers draw indices ahead, and an epoch the trainer ends early (its batch count restored
+    from a run on more ranks, `limit_train_batches`) must not be skipped because its last indices were drawn.
+    Otherwise drawing an epoch to its end moves the cursor to the next one. A DistributedSampler subclass so
     Lightning keeps it instead of wrapping it in its own."""
 
     def __init__(self, dataset: MultiSourceClips, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 start_epoch: int = 0, start_position: int = 0):
+                 start_epoch: int = 0, start_position: int = 0, consumption_tracked: bool = False):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.batch_size = batch_size
         self.batches_per_epoch = math.ceil(self.num_samples / batch_size)
         self.num_samples = self.batches_per_epoch * batch_size
         self.total_size = self.num_samples * world_size
+        self.consumption_tracked = consumption_tracked
         self.set_start(start_epoch, start_position)
 
     def set_start(self, epoch: int, position: int) -> None:
@@ -314,7 +318,8 @@ class ClipSampler(DistributedSampler):
         epoch, start = self.start_epoch, self.start_position
         for k in range(self.remaining()):
             yield epoch, start + k * self.num_replicas + self.rank
-        self.set_start(epoch + 1, 0)
+        if not self.consumption_tracked:
+            self.set_start(epoch + 1, 0)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -495,7 +500,8 @@ class VideoDataModule(pl.LightningDataModule):
         epoch, position = self.position()
         self._sampler = ClipSampler(self.dataset, rank=self.rank, world_size=self.world_size,
                                     batch_size=self.batch_size, seed=self.seed or 0, start_epoch=epoch,
-                                    start_position=position)
+                                    start_position=position,
+                                    consumption_tracked=bool(self.trainer is not None and self.trainer.training))
         workers = self.num_workers > 0
         return ResumableDataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
@@ -581,7 +587,7 @@ class VideoDataModule(pl.LightningDataModule):
         if changed:
             raise ValueError("the data order changed since the checkpoint, so the run cannot resume exactly: "
                              + "; ".join(changed))
-        if state.get("world_size") != self.world_size:
+        if state.get("world_size") != self.world_size and self.rank == 0:
             log.info("data position: epoch %d, stream position %d, saved by %s rank(s), continued by %d",
                      state["epoch"], state["position"], state.get("world_size"), self.world_size)
         self.set_position(state["epoch"], state["position"])
