@@ -83,7 +83,8 @@ def _skipped_per_step(overrides, world: int, steps: int, ranks=None) -> list[int
         total = 0
         for rank in ranks if ranks is not None else range(world):
             sampler = ClipSampler(data.dataset, rank=rank, world_size=world, batch_size=data.batch_size, seed=23)
-            sampler.set_start(0, step * data.batch_size * world)
+            epoch, batch = divmod(step, sampler.batches_per_epoch)
+            sampler.set_start(epoch, batch * data.batch_size * world)
             total += sum(data.dataset[key]["n_skipped"] for key in itertools.islice(sampler, data.batch_size))
         out.append(total)
     return out
