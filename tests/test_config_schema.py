@@ -121,3 +121,14 @@ def test_shipped_configs_are_found_from_any_directory(tmp_path, monkeypatch):
     assert cfg.data.params.target_height == 320
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config("configs/training/nope.yaml")
+
+
+def test_a_constructor_error_names_the_dotted_key_of_its_node():
+    """Values the schema cannot judge (they depend on each other) fail in the constructor; the error still names
+    the innermost config node (issue #16 item 5)."""
+    from vwm.config import ConstructorError, build_model
+
+    cfg = load_config(TINY, ["model.params.network_config.params.num_heads=3"])
+    with pytest.raises(ConstructorError, match=r"^model\.params\.network_config \(vwm\.models\.video_unet\.VideoUNet\): "
+                                               r"set exactly one of num_heads \(3\) and num_head_channels"):
+        build_model(cfg, device="meta")

@@ -260,9 +260,9 @@ def test_state_dict_restores_the_exact_position():
     assert [r[0] for r in reference] == [0] * 12 + [1] * 12 + [2] * 12
     dm = fresh()
     consumed = _ids(dm, epochs=2)[: 12 + 6]
-    dm.set_position(epoch=1, batches_consumed=2)
+    dm.set_position(epoch=1, position=12)  # 2 batches of 3 on each of 2 ranks
     state = dm.state_dict()
-    assert state["epoch"] == 1 and state["batches_consumed"] == 2 and state["world_size"] == 2
+    assert state["epoch"] == 1 and state["position"] == 12 and state["world_size"] == 2
     restored = fresh()
     restored.load_state_dict(state)
     loader = restored.train_dataloader()
@@ -274,6 +274,70 @@ def test_state_dict_restores_the_exact_position():
     changed.setup(rank=1, world_size=2)
     with pytest.raises(ValueError, match="data order changed.*batch_size: saved 3, now 4"):
         changed.load_state_dict(state)
+
+
+@pytest.mark.parametrize("saved_world, batches, new_world", [(2, 3, 1), (4, 1, 2), (1, 3, 2), (2, 2, 3)])
+def test_a_new_world_size_continues_the_stream_without_repeating_or_skipping(saved_world, batches, new_world):
+    def ranks(world, state=None):
+        out = []
+        for rank in range(world):
+            dm = _dm([FakeSubset(40), FakeSubset(9)], batch_size=2, samples_per_epoch=22)
+            dm.setup(rank=rank, world_size=world)
+            if state is not None:
+                dm.load_state_dict(state)
+            out.append(dm)
+        return out
+
+    from types import SimpleNamespace
+
+    saved = ranks(saved_world)
+    for dm in saved:
+        dm.trainer = SimpleNamespace(training=True)  # batches reach training steps
+    loaders = [iter(dm.train_dataloader()) for dm in saved]
+    before = []
+    for _ in range(batches):  # lockstep, as ranks train, each step marking its batch consumed
+        for dm, loader in zip(saved, loaders):
+            batch = dm.on_before_batch_transfer(next(loader), 0)
+            before += batch["sample_id"].tolist()
+    assert len({tuple(dm.position()) for dm in saved}) == 1
+    state = saved[0].state_dict()
+    assert (state["epoch"], state["position"], state["world_size"]) == (0, batches * 2 * saved_world, saved_world)
+    after = [row for dm in ranks(new_world, state) for row in _ids(dm)]  # each rank to the end of epoch 0
+    positions = sorted(r[1] for r in before + after if r[0] == 0)
+    per_step = 2 * new_world
+    padded = -(-(22 - state["position"]) // per_step) * per_step + state["position"]
+    assert positions == list(range(padded)) and padded - 22 < per_step  # each position once, padding at the end
+    reference = {r[1]: r[2:] for r in _ids(ranks(1)[0])}
+    assert all(reference[r[1]] == r[2:] for r in before + after if r[1] < 22)  # same clip at each position
+    for dm in ranks(new_world, state):  # the cursor then moves to the next epoch on every new rank
+        _ids(dm)
+        assert dm.position() == (1, 0)
+
+
+def test_batches_prefetched_for_an_epoch_the_trainer_ends_early_are_drawn_again():
+    # A trainer may end its epoch before the data epoch ends (its batch count restored from a run on more ranks,
+    # or limit_train_batches), after the workers drew the epoch's last indices; only consumed batches count.
+    from types import SimpleNamespace
+
+    dm = _dm([FakeSubset(30)], batch_size=2, samples_per_epoch=8, num_workers=2)
+    dm.setup()
+    dm.trainer = SimpleNamespace(training=True)
+    dm.set_position(0, 6)
+    loader = dm.train_dataloader()
+    batches = iter(loader)  # the workers draw the last batch (positions 6, 7) at once
+    del batches  # and the trainer's epoch ends before using it
+    assert dm.position() == (0, 6)
+    rest = [r[:2] for batch in loader for r in batch["sample_id"].tolist()]
+    assert rest == [[0, 6], [0, 7]]
+
+
+def test_a_version_1_data_state_counts_batches_per_rank():
+    dm = _dm([FakeSubset(40)], batch_size=3, samples_per_epoch=20)
+    dm.setup(rank=0, world_size=1)
+    state = {**dm.state_dict(), "version": 1, "batches_consumed": 2, "world_size": 2}
+    del state["position"]
+    dm.load_state_dict(state)
+    assert dm.position() == (0, 12)
 
 
 class _Recorder(pl.LightningModule):
@@ -320,9 +384,9 @@ def test_lightning_resume_mid_epoch_sees_the_same_samples(tmp_path):
     assert len(ckpt) == 1
     checkpoint = torch.load(ckpt[0], weights_only=True)
     state = checkpoint["VideoDataModule"]
-    assert (state["epoch"], state["batches_consumed"]) == (1, 2)
+    assert (state["epoch"], state["position"]) == (1, 4)
     loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert loader_state == [{"epoch": 1, "batches_consumed": 2}]
+    assert loader_state == [{"epoch": 1, "position": 4}]
     resumed = _fit(tmp_path / "r", max_steps=11, ckpt_path=ckpt[0]).seen
     assert resumed == uninterrupted[6:]
     # Checkpoints written when max_steps stops a run (Lightning then counts the cut epoch as finished):
@@ -332,7 +396,7 @@ def test_lightning_resume_mid_epoch_sees_the_same_samples(tmp_path):
         if stop == 8:
             _fit(tmp_path / "r", max_steps=8)
         state = torch.load(end, weights_only=True)["VideoDataModule"]
-        assert (state["epoch"], state["batches_consumed"]) == {6: (1, 2), 8: (2, 0)}[stop]
+        assert (state["epoch"], state["position"]) == {6: (1, 4), 8: (2, 0)}[stop]
         assert _fit(tmp_path / f"e{stop}", max_steps=11, ckpt_path=end).seen == uninterrupted[stop:]
 
 

@@ -110,7 +110,8 @@ def test_precision_devices_and_logger_in_the_config_are_applied(tmp_path, capsys
     ("lightning.trainer.max_epoch=3", r"lightning\.trainer\.max_epoch: unknown key \(did you mean 'max_epochs'\?\)"),
     ("data.params.target_height=300", r"data\.params\.target_height=300 is invalid; allowed: a positive multiple "
                                       r"of 64"),
-    ("data.params.probs=[1, 2]", r"data\.params: probs=\[1, 2\] must be 1 non-negative numbers"),
+    ("data.params.probs=[1, 2]", r"data\.params \(vwm\.data\.datamodule\.VideoDataModule\): probs=\[1, 2\] must be 1 "
+                                 r"non-negative numbers"),
 ])
 def test_dry_run_fails_on_what_a_run_fails_on(tmp_path, capsys, monkeypatch, override, message):
     monkeypatch.chdir(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -82,7 +83,8 @@ def _skipped_per_step(overrides, world: int, steps: int, ranks=None) -> list[int
         total = 0
         for rank in ranks if ranks is not None else range(world):
             sampler = ClipSampler(data.dataset, rank=rank, world_size=world, batch_size=data.batch_size, seed=23)
-            sampler.set_start(0, step)
+            epoch, batch = divmod(step, sampler.batches_per_epoch)
+            sampler.set_start(epoch, batch * data.batch_size * world)
             total += sum(data.dataset[key]["n_skipped"] for key in itertools.islice(sampler, data.batch_size))
         out.append(total)
     return out
@@ -207,6 +209,107 @@ def test_torchrun_two_simulated_nodes_train_checkpoint_and_resume(tmp_path):
     assert [s for s, _ in _losses(tmp_path / "nodes")] == [1, 2, 3, 4, 5]
     manifest = json.loads((tmp_path / "nodes/checkpoints/step-000000005/MANIFEST.json").read_text())
     assert manifest["world_size"] == 2 and manifest["format"] == "deepspeed"
+
+
+PROBE = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch
+from vwm.models.engine import DiffusionEngine
+
+OUT, TAG = os.environ["VWM_PROBE"], os.environ["VWM_PROBE_TAG"]
+
+
+def optimizer_state(self):
+    # Every trainable weight's fp32 value and Adam moments, whole, as each strategy's own API gives them (for ZeRO
+    # DeepSpeed's safe_get_* gather the partitions of all ranks), plus Adam's step counts and the learning rates.
+    engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+    if engine is not None:  # DeepSpeed links per-parameter views of the optimizer state after a step; now
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    optimizer = engine.optimizer.optimizer if engine is not None else self.trainer.optimizers[0]
+    out = {{"steps": sorted({{float(s["step"]) for s in optimizer.state.values()}}),
+           "lr": [g["lr"] for g in optimizer.param_groups]}}
+    for name, p in self.named_parameters():
+        if p.requires_grad and engine is not None:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            out[name] = [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, k)
+                                                          for k in ("exp_avg", "exp_avg_sq")]
+        elif p.requires_grad:
+            out[name] = [p.detach().clone()] + [optimizer.state[p][k] for k in ("exp_avg", "exp_avg_sq")]
+    return out
+
+
+def dump(self, when):
+    state = optimizer_state(self)  # a collective under ZeRO: every rank takes part
+    if self.global_rank == 0:
+        torch.save(state, os.path.join(OUT, f"{{TAG}}-{{when}}.pt"))
+
+
+def on_train_batch_start(self, batch, batch_idx):
+    with open(os.path.join(OUT, f"{{TAG}}-rank{{self.global_rank}}.jsonl"), "a") as f:
+        f.write(json.dumps(batch["sample_id"][:, :2].tolist()) + "\\n")
+
+
+DiffusionEngine.on_train_start = lambda self: self.global_step and dump(self, "start")  # resumed runs
+DiffusionEngine.on_train_end = lambda self: dump(self, "end")
+DiffusionEngine.on_train_batch_start = on_train_batch_start
+from vwm.cli.train import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy, worlds", [("deepspeed_stage_2", (2, 1, 2)), ("ddp", (2, 1))])
+def test_resume_on_another_number_of_processes_continues_the_optimizer_and_the_data_stream(tmp_path, strategy,
+                                                                                          worlds):
+    # Steps 1-3 on worlds[0] ranks, 4 on worlds[1], 5-6 on worlds[2]: the resumed run starts from exactly the
+    # weights and Adam state the previous one ended with (ZeRO: re-partitioned); the data stream continues with
+    # every position once (16 per epoch; the last switch comes mid-batch: 14 positions done, 4 per step).
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE.format(repo=REPO))
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    stops = (3, 4, 6)
+    overrides = [f"lightning.trainer.strategy={strategy}", "data.params.samples_per_epoch=16",
+                 "lightning.checkpoint.keep_last=3"]
+    for tag, (world, stop) in enumerate(zip(worlds, stops)):
+        cmd = [sys.executable, str(script), "--base", TINY, "--logdir", str(tmp_path), "--name", "grow",
+               "--accelerator", "cpu", "--n_devices", str(world), "--max_steps", str(stop), "--resume", "auto",
+               *overrides]
+        result = subprocess.run(cmd, env=clean_subprocess_env(VWM_PROBE=str(probe), VWM_PROBE_TAG=str(tag)),
+                                capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+        assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        if tag:
+            assert f"saved by {worlds[tag - 1]} process(es), on {world}" in result.stderr
+    for tag in range(1, len(worlds)):
+        before, after = (torch.load(probe / f"{tag - 1}-end.pt"), torch.load(probe / f"{tag}-start.pt"))
+        assert before.keys() == after.keys() and len(before) > 100
+        assert after["steps"] == [float(stops[tag - 1])] and after["lr"] == before["lr"]
+        differ = [k for k in before if k not in ("steps", "lr") and not all(map(torch.equal, before[k], after[k]))]
+        assert differ == []
+    saved = _final_state(tmp_path / "grow", 3)  # the checkpoint itself, merged (zero_to_fp32 for ZeRO)
+    start = torch.load(probe / "1-start.pt")
+    weights = [k for k in start if k.startswith("model.")]
+    assert weights and all(torch.equal(saved[k], start[k][0]) for k in weights)
+    losses = _losses(tmp_path / "grow")
+    assert [s for s, _ in losses] == list(range(1, stops[len(worlds) - 1] + 1))
+    assert all(math.isfinite(loss) for _, loss in losses)
+    seen = sorted(tuple(p) for f in probe.glob("*-rank*.jsonl") for line in f.read_text().splitlines()
+                  for p in json.loads(line))
+    assert len(seen) == len(set(seen))  # no stream position twice
+    # ZeRO: 12 positions on 2 ranks, 2 on 1, then 14..17 on 2 (16 and 17 pad the epoch's last batch), epoch 1
+    expected = [(0, p) for p in range(18)] + [(1, p) for p in range(4)] if len(worlds) == 3 else \
+        [(0, p) for p in range(14)]
+    assert seen == expected
+    if strategy.startswith("deepspeed"):  # a layout the saved partitions cannot be re-split into: refused
+        refused = _train(tmp_path, "grow", "--max_steps", "7", "--resume", "auto", *overrides,
+                         "lightning.deepspeed.parameter_alignment=false", check=False)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert ("written by 2 rank(s), this run has 1, and its ZeRO optimizer state cannot be re-partitioned: it was "
+                "saved with another lightning.deepspeed.parameter_alignment. Resume on 2 rank(s), or start a new run "
+                "from its weights with a fresh optimizer: --finetune ") in refused.stderr
 
 
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml")))

@@ -71,3 +71,23 @@ def test_memory_estimate_shards_optimizer_state_over_ranks():
     eight = estimate_memory(trainable=10**9, frozen=0, ema_params=10**9, world_size=8, activations=0)
     assert one.master_and_optimizer == 12 * 10**9 and eight.master_and_optimizer == math.ceil(12 * 10**9 / 8)
     assert one.weights == eight.weights == 2 * 10**9 and one.ema == 4 * 10**9
+
+
+@pytest.mark.parametrize("saved, now", [(2, 1), (1, 2), (4, 3), (3, 5)])
+def test_zero_partitions_resplit_for_another_world_size(saved, now):
+    from vwm.training.zero_reshard import copy_flat_range
+
+    flat = torch.randn(23)  # params + alignment padding; ZeRO pads the end to a multiple of the world size
+
+    def split(world):
+        size = -(-flat.numel() // (2 * world)) * 2  # equal partitions of the end-padded buffer
+        return size, [flat[r * size:(r + 1) * size] for r in range(world)]  # lean: without the end padding
+
+    size, parts = split(saved)
+    pieces = [(r * size, part) for r, part in enumerate(parts)]
+    new_size, expected = split(now)
+    for rank in range(now):
+        out = torch.full((new_size,), float("nan"))
+        copy_flat_range(pieces, rank * new_size, out)
+        assert torch.equal(out[:expected[rank].numel()], expected[rank])
+        assert not out[expected[rank].numel():].any()  # end padding is zero

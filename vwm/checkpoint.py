@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -597,6 +597,13 @@ def zero_tag_dir(path: str) -> tuple[str, str]:
                           f"mp_rank_00_model_states.pt)")
 
 
+def load_zero_file(path: str) -> Any:
+    """A DeepSpeed checkpoint file, memory-mapped, through the restricted unpickler with DeepSpeed's allow-listed
+    classes (a file that needs more is refused)."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return _torch_load_safely(path, mmap=True)
+
+
 def verify_pickles(root: str, skip: Collection[str] = ()) -> None:
     """Open every file under `root` with the restricted unpickler and DeepSpeed's allow-listed classes, except
     Python scripts (DeepSpeed's zero_to_*.py), the manifest and the files named in `skip` (read as text by their
@@ -616,11 +623,10 @@ def verify_zero_files(tag_dir: str) -> dict:
     if model_file not in files:
         raise CheckpointError(f"{model_file}: missing")
     states = None
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        for file in files:
-            obj = _torch_load_safely(file, mmap=True)
-            if file == model_file:
-                states = obj
+    for file in files:
+        obj = load_zero_file(file)
+        if file == model_file:
+            states = obj
     assert isinstance(states, Mapping)
     world = states.get("dp_world_size")
     optim = [f for f in files if f.endswith("_optim_states.pt")]

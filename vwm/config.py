@@ -410,25 +410,37 @@ def to_container(value: Any) -> Any:
     return value
 
 
-def instantiate(node: Any, **extra: Any) -> Any:
-    """Build the object a node describes, building nested nodes first; `extra` adds keyword arguments."""
+class ConstructorError(ConfigError):
+    """A constructor refused the values of a config node; the message names the node's dotted key."""
+
+
+def instantiate(node: Any, config_path: str = "<node>", **extra: Any) -> Any:
+    """Build the object a node describes, building nested nodes first; `extra` adds keyword arguments.
+
+    A ValueError or TypeError raised by a constructor is re-raised as ConstructorError naming the dotted key of
+    the innermost node that failed (`model.params.network_config: set exactly one of ...`)."""
     node = to_container(node)
     if not is_node(node):
         raise ConfigError(f"cannot instantiate {node!r}: not a {{target, params}} node")
     cls = locate(node["target"])
     skip = set(getattr(cls, "config_unbuilt", ()))
-    kwargs = {k: (v if k in skip else _build(v)) for k, v in node_arguments(node).items()}
+    kwargs = {k: (v if k in skip else _build(v, f"{config_path}.params.{k}")) for k, v in node_arguments(node).items()}
     kwargs.update(extra)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConstructorError(f"{config_path} ({node['target']}): {err}") from err
 
 
-def _build(value: Any) -> Any:
+def _build(value: Any, config_path: str) -> Any:
     if is_node(value):
-        return instantiate(value)
+        return instantiate(value, config_path)
     if isinstance(value, list):
-        return [_build(v) for v in value]
+        return [_build(v, f"{config_path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _build(v) for k, v in value.items()}
+        return {k: _build(v, f"{config_path}.{k}") for k, v in value.items()}
     return value
 
 
@@ -437,7 +449,8 @@ def build_model(cfg: DictConfig | Mapping, device: str | torch.device | None = N
     node = cfg["model"] if "model" in cfg else cfg
     if not is_node(node):
         raise ConfigError("the config has no model node (model.target)")
+    where = "model" if "model" in cfg else "<model>"
     if device is None:
-        return instantiate(node)
+        return instantiate(node, where)
     with torch.device(device):
-        return instantiate(node)
+        return instantiate(node, where)

@@ -36,7 +36,8 @@ REFERENCE_SUBSETS: dict[str, tuple[str, dict[str, str]]] = {
 """The reference's subset names and the data roots / annotation files it hard-codes for them."""
 DERIVED_PARAMS = ("num_frames", "target_height", "target_width")
 """Subset constructor arguments the DataModule supplies itself."""
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""Version 2 counts the data position in stream positions of all ranks (version 1: batches per rank)."""
 FRACTION_WARMUP = 100
 """Draws a worker makes before `max_failure_fraction` is enforced."""
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -272,38 +273,53 @@ def finalize_batch(batch: dict[str, torch.Tensor], *, cond_aug: float = 0.0, see
 
 
 class ClipSampler(DistributedSampler):
-    """Per-rank stream of (epoch, position) keys: rank r takes positions k * world_size + r, padded to whole
-    batches (every rank runs the same number of steps). A cursor (epoch, batch) says where the next iteration
-    starts; an iteration runs to the end of that epoch, and drawing an epoch to its end moves the cursor to
-    the next one. A DistributedSampler subclass so Lightning keeps it instead of wrapping it in its own."""
+    """Per-rank stream of (epoch, position) keys. A cursor (epoch, position) says how many stream positions of the
+    epoch all ranks together consumed; from it rank r takes positions position + k * world_size + r, padded to
+    whole batches (every rank runs the same number of steps). The cursor is the same for any world size, so a run
+    resumed on another number of processes continues the stream where it stopped. An iteration runs to the end of
+    that epoch. With `consumption_tracked` (a trainer marks the batches its steps receive) only that moves the
+    cursor: DataLoader workers draw indices ahead, and an epoch the trainer ends early (its batch count restored
+    from a run on more ranks, `limit_train_batches`) must not be skipped because its last indices were drawn.
+    Otherwise drawing an epoch to its end moves the cursor to the next one. A DistributedSampler subclass so
+    Lightning keeps it instead of wrapping it in its own."""
 
     def __init__(self, dataset: MultiSourceClips, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 start_epoch: int = 0, start_batch: int = 0):
+                 start_epoch: int = 0, start_position: int = 0, consumption_tracked: bool = False):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.batch_size = batch_size
         self.batches_per_epoch = math.ceil(self.num_samples / batch_size)
         self.num_samples = self.batches_per_epoch * batch_size
         self.total_size = self.num_samples * world_size
-        self.set_start(start_epoch, start_batch)
+        self.consumption_tracked = consumption_tracked
+        self.set_start(start_epoch, start_position)
 
-    def set_start(self, epoch: int, batch: int) -> None:
-        """Move the cursor: the next iteration starts at batch `batch` of `epoch`."""
-        epoch, batch = epoch + batch // self.batches_per_epoch, batch % self.batches_per_epoch
-        self.start_epoch, self.start_batch, self.epoch = epoch, batch, epoch
+    def set_start(self, epoch: int, position: int) -> None:
+        """Move the cursor: the next iteration starts at stream position `position` of `epoch` (a position at or
+        past the epoch's end is the start of the next epoch)."""
+        if position >= len(self.dataset):
+            epoch, position = epoch + 1, 0
+        self.start_epoch, self.start_position, self.epoch = epoch, position, epoch
+
+    def remaining(self) -> int:
+        """Samples this rank draws from the cursor to the end of its epoch (whole batches)."""
+        left = math.ceil((len(self.dataset) - self.start_position) / self.num_replicas)
+        return math.ceil(left / self.batch_size) * self.batch_size
 
     def mark_consumed(self, epoch: int, position: int) -> None:
-        """Move the cursor after the batch whose last sample is (epoch, position)."""
-        self.set_start(epoch, (position - self.rank) // self.num_replicas // self.batch_size + 1)
+        """Move the cursor after the batch whose last sample on this rank is (epoch, position): every rank
+        consumed the stream up to that sample's row of `world_size` positions."""
+        self.set_start(epoch, position - self.rank + self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the cursor, not the trainer's epoch counter, fixes which data comes next, so a resumed run
         continues the same stream even where the trainer counts epochs differently after a restore."""
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.start_epoch
-        for k in range(self.start_batch * self.batch_size, self.num_samples):
-            yield epoch, k * self.num_replicas + self.rank
-        self.set_start(epoch + 1, 0)
+        epoch, start = self.start_epoch, self.start_position
+        for k in range(self.remaining()):
+            yield epoch, start + k * self.num_replicas + self.rank
+        if not self.consumption_tracked:
+            self.set_start(epoch + 1, 0)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -318,13 +334,16 @@ class ResumableDataLoader(DataLoader):
         self.position_fn = position_fn
 
     def state_dict(self) -> dict[str, int]:
-        """The (epoch, batches consumed) position reported by the DataModule."""
-        epoch, batches = self.position_fn()
-        return {"epoch": epoch, "batches_consumed": batches}
+        """The (epoch, stream positions consumed) data position reported by the DataModule."""
+        epoch, position = self.position_fn()
+        return {"epoch": epoch, "position": position}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Start the sampler at a saved position."""
-        self.sampler.set_start(state_dict["epoch"], state_dict["batches_consumed"])
+        """Start the sampler at a saved position. A state written before the cursor counted stream positions
+        ({epoch, batches_consumed}) is left to the DataModule's own state, which Lightning restores first and
+        which knows the world size it was saved with."""
+        if "position" in state_dict:
+            self.sampler.set_start(state_dict["epoch"], state_dict["position"])
 
 
 def _worker_init(worker_id: int) -> None:
@@ -476,13 +495,13 @@ class VideoDataModule(pl.LightningDataModule):
         if self.dataset is None:
             raise RuntimeError("VideoDataModule.setup() must run before train_dataloader()")
         if self._pending_state is not None:
-            self._check_state(self._pending_state)
-            self.set_position(self._pending_state["epoch"], self._pending_state["batches_consumed"])
+            self._restore(self._pending_state)
             self._pending_state = None
-        epoch, batch = self.position()
+        epoch, position = self.position()
         self._sampler = ClipSampler(self.dataset, rank=self.rank, world_size=self.world_size,
                                     batch_size=self.batch_size, seed=self.seed or 0, start_epoch=epoch,
-                                    start_batch=batch)
+                                    start_position=position,
+                                    consumption_tracked=bool(self.trainer is not None and self.trainer.training))
         workers = self.num_workers > 0
         return ResumableDataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
@@ -516,53 +535,62 @@ class VideoDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- resumability
 
-    def set_position(self, epoch: int, batches_consumed: int) -> None:
-        """Set the data position: `batches_consumed` batches (per rank) of `epoch` are done (for loops that
-        do not run through Lightning's batch hooks)."""
-        if epoch < 0 or batches_consumed < 0:
-            raise ValueError(f"epoch={epoch} and batches_consumed={batches_consumed} must be >= 0")
-        self._position = (int(epoch), int(batches_consumed))
+    def set_position(self, epoch: int, position: int) -> None:
+        """Set the data position: the first `position` stream positions of `epoch` (all ranks together) are
+        done (for loops that do not run through Lightning's batch hooks)."""
+        if epoch < 0 or position < 0:
+            raise ValueError(f"epoch={epoch} and position={position} must be >= 0")
+        self._position = (int(epoch), int(position))
         if self._sampler is not None:
             self._sampler.set_start(*self._position)
 
     def position(self) -> tuple[int, int]:
-        """(epoch, batches consumed in it): the batch after the last one a training step received."""
+        """(epoch, stream positions consumed in it by all ranks): where the next training batch starts."""
         if self._sampler is not None:
-            return self._sampler.start_epoch, self._sampler.start_batch
+            return self._sampler.start_epoch, self._sampler.start_position
         return self._position
 
     def _fingerprint(self) -> dict[str, Any]:
         assert self.dataset is not None
-        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
+        return {"seed": self.seed, "batch_size": self.batch_size,
                 "samples_per_epoch": self.dataset.samples_per_epoch, "shuffle": self.shuffle,
                 "subset_sizes": [len(s) for s in self.dataset.subsets],
                 "probs": np.diff(np.concatenate([[0.0], self.dataset._cum])).round(12).tolist()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Data position and the settings that fix the sample order (saved in Lightning checkpoints)."""
+        """Data position and the settings that fix the sample order (saved in Lightning checkpoints); the world
+        size is recorded, not checked: the position counts the stream of all ranks together."""
         if self.dataset is None:
             return {}
-        epoch, batches = self.position()
-        return {"version": STATE_VERSION, "epoch": epoch, "batches_consumed": batches, **self._fingerprint()}
+        epoch, position = self.position()
+        return {"version": STATE_VERSION, "epoch": epoch, "position": position, "world_size": self.world_size,
+                **self._fingerprint()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the data position; the next train_dataloader() continues exactly after the last batch."""
+        """Restore the data position; the next train_dataloader() continues exactly after the last batch, on any
+        number of ranks. Version 1 states (per-rank batches consumed) are converted."""
         if not state_dict:
             return
-        if state_dict.get("version") != STATE_VERSION:
-            raise ValueError(f"data state version {state_dict.get('version')!r} is not {STATE_VERSION}")
-        self._pending_state = dict(state_dict)
+        state = dict(state_dict)
+        if state.get("version") == 1:  # cursor (epoch, batches consumed per rank) of a run on world_size ranks
+            state["position"] = state.pop("batches_consumed") * state["batch_size"] * state["world_size"]
+        elif state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')!r} is not {STATE_VERSION} (or 1)")
+        self._pending_state = state
         if self.dataset is not None:
-            self._check_state(state_dict)
-            self.set_position(state_dict["epoch"], state_dict["batches_consumed"])
+            self._restore(state)
             self._pending_state = None
 
-    def _check_state(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any]) -> None:
         now = self._fingerprint()
         changed = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in now.items() if state.get(k) != v]
         if changed:
             raise ValueError("the data order changed since the checkpoint, so the run cannot resume exactly: "
                              + "; ".join(changed))
+        if state.get("world_size") != self.world_size and self.rank == 0:
+            log.info("data position: epoch %d, stream position %d, saved by %s rank(s), continued by %d",
+                     state["epoch"], state["position"], state.get("world_size"), self.world_size)
+        self.set_position(state["epoch"], state["position"])
 
 
 Sampler = VideoDataModule

@@ -127,7 +127,7 @@ def _data_sources(cfg: DictConfig) -> tuple[Any, list[Any], list[Any]]:
     if "data" not in cfg:
         raise ValueError("the config has no data section (data.target / data.params): the cache encodes "
                          "its subsets")
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, "data.params")
     if not isinstance(datamodule, VideoDataModule):
         raise ValueError(f"data.target builds {type(datamodule).__name__}; expected vwm.data.datamodule."
                          "VideoDataModule")

@@ -167,7 +167,7 @@ class DiffusionEngine(pl.LightningModule):
             raise ValueError("no trainable parameters: check train_peft_adapters / add_lora / action_control")
         node = dict(self.optimizer_config)
         node["params"] = dict(node.get("params") or {})
-        opt = instantiate(node, params=groups, lr=self.learning_rate)
+        opt = instantiate(node, "model.params.optimizer_config", params=groups, lr=self.learning_rate)
         if self.scheduler_config is None:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.scheduler_config)

@@ -208,10 +208,7 @@ def check_data(cfg: DictConfig, *, build: bool = True) -> DataPlan:
 
     if "data" not in cfg or not isinstance(cfg.data, DictConfig):
         raise ConfigError("the config has no data section (data.target / data.params)")
-    try:
-        datamodule = instantiate(cfg.data)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"data.params: {err}") from err
+    datamodule = instantiate(cfg.data, "data.params")  # a constructor error names data.params
     if not isinstance(datamodule, VideoDataModule):
         return DataPlan([], [f"data: {type(datamodule).__name__} (not checked)"])
     subsets, lines = [], []

@@ -155,6 +155,20 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+@rank_zero_only
+def _note_world_size_change(manifest: dict[str, Any], world: int, cfg: DictConfig) -> None:
+    """Warn when a run resumes on another number of processes than the one that saved it."""
+    saved = manifest.get("world_size")
+    if saved is None or int(saved) == world:
+        return
+    batch = int(OmegaConf.select(cfg, "data.params.batch_size", default=1)) * int(
+        OmegaConf.select(cfg, "lightning.trainer.accumulate_grad_batches", default=1))
+    log.warning("resuming step %s, saved by %s process(es), on %d: the optimizer state is re-partitioned (ZeRO) or "
+                "reused (DDP), the data stream continues at the saved position, and a step now averages %d clips "
+                "instead of %d (docs/training.md, \"Changing the number of GPUs on resume\")", manifest.get("step"),
+                saved, world, batch * world, batch * int(saved))
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 
 
@@ -206,7 +220,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], 
     ]
     for name, node in (to_container(OmegaConf.select(cfg, "lightning.callbacks")) or {}).items():
         extra = {"out_dir": os.path.join(run_dir, "videos")} if node.get("target", "").endswith("VideoLogger") else {}
-        callbacks.append(instantiate(node, **extra))
+        callbacks.append(instantiate(node, f"lightning.callbacks.{name}", **extra))
     return callbacks, ckpt
 
 
@@ -260,6 +274,8 @@ def _train(opts: TrainOptions) -> int:
     data_plan = check_data(cfg)  # data roots, annotations, clip lists: fail before the model is built
     log.log(logging.INFO if weights.source in ("finetune", "resume") else logging.WARNING, weights.describe())
     log.info("launch: %s", launch.describe())
+    if resume:
+        _note_world_size_change(read_manifest(resume), launch.world_size, cfg)
     pl.seed_everything(opts.seed, workers=True)
     world = launch.world_size
 
@@ -273,7 +289,7 @@ def _train(opts: TrainOptions) -> int:
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
     if weights.source in ("finetune", "default"):
         load_finetune(engine, weights.path, to_container(cfg.model))
-    datamodule = instantiate(cfg.data, seed=opts.seed, subsets=data_plan.subsets)
+    datamodule = instantiate(cfg.data, "data.params", seed=opts.seed, subsets=data_plan.subsets)
 
     strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
     strategy = build_strategy(strategy_name, to_container(cfg.get("lightning")) or {})

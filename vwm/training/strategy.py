@@ -100,6 +100,18 @@ class VWMDeepSpeedStrategy(DeepSpeedStrategy):
         write_through_python_files(engine)
         return engine, ds_optimizer
 
+    def load_checkpoint(self, checkpoint_path: str, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's DeepSpeed restore; a ZeRO checkpoint written by another number of ranks is re-partitioned
+        for this run (`vwm.training.zero_reshard`) when its optimizer state is loaded for training."""
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        from vwm.training.zero_reshard import load_repartitioned, saved_world_size
+
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if not fitting or saved_world_size(checkpoint_path) == self.deepspeed_engine.dp_world_size:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return load_repartitioned(self.deepspeed_engine, checkpoint_path, self.lightning_module.strict_loading)
+
 
 @contextlib.contextmanager
 def _scalar_params_as_vectors(model: torch.nn.Module) -> Iterator[None]:
