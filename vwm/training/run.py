@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from vwm.checkpoint import load_finetune
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
+from vwm.training.activation_plan import apply_activation_plan
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
 from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
 from vwm.training.preflight import build_loggers, check_data, default_run_name, initial_weights, resolve_launch
@@ -289,6 +290,9 @@ def _train(opts: TrainOptions) -> int:
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
     if weights.source in ("finetune", "default"):
         load_finetune(engine, weights.path, to_container(cfg.model))
+    gpu = launch.accelerator != "cpu" and torch.cuda.is_available()
+    apply_activation_plan(engine, cfg, world_size=world, precision=launch.precision,
+                          device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else None)
     datamodule = instantiate(cfg.data, "data.params", seed=opts.seed, subsets=data_plan.subsets)
 
     strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
