@@ -58,7 +58,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
                          "num_frames)")
     placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode in ("compiled", "fp8"),
-                             fp8=mode == "fp8")
+                             fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None)
     frames = _start_frame(args.height, args.width)
     actions = [ro.action_batch([ro.normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
     settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
