@@ -156,7 +156,7 @@ class Placement:
     Constructing it prepares the model in place: eval mode, no gradients, the UNet cast to `unet_dtype`
     (default bf16 on CUDA, fp32 elsewhere; inputs are cast on the way in and outputs back to fp32, so the
     sampler state stays fp32), everything on `device` (low_vram: on the CPU), and with `compile_unet` the
-    UNet's layers compiled (`VideoUNet.compile_layers`); with `fp8` its large linear layers run as FP8 products
+    UNet's layers and the VAE decoder compiled (`VideoUNet.compile_layers`); with `fp8` its large linear layers run as FP8 products
     (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights.
     """
 
@@ -180,6 +180,8 @@ class Placement:
             # Regional compilation (one graph per layer shape, compiled at the first round): the sampler calls
             # the UNet with the same shapes every step, so the cost is paid once per rollout shape.
             model.unet.compile_layers()
+            if hasattr(model.first_stage_model, "compile_decoder"):
+                model.first_stage_model.compile_decoder()
 
     @contextlib.contextmanager
     def use(self, module: nn.Module) -> Iterator[None]:
