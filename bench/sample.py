@@ -83,6 +83,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
         "decode_chunk": placement.decode_chunk(settings),
         "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
         "finite": bool(torch.isfinite(result.video).all()), "torch": torch.__version__,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     if reference is not None:  # the same rollout (seed, actions) of the first mode: what this mode changes
         line["psnr_vs_first_mode_db"] = round(_psnr(result.video, reference), 2)
@@ -118,7 +119,10 @@ def main() -> None:
                              "(sample.py --fp8); low_vram: one module on the GPU at a time. Every mode after "
                              "the first reports its PSNR against the first mode's rollout")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cudnn_benchmark", choices=["on", "off"], default="off",
+                        help="torch.backends.cudnn.benchmark: time the convolution algorithms for the fixed shapes")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     device = torch.device(args.device)
     cfg = load_config(args.config)
     reference = None
