@@ -67,7 +67,7 @@ def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
         *lines,
         f"# UNet forward per clip ({frames}x{height}x{width}): {fwd / 1e12:.2f} TFLOP; training step model FLOPs "
         f"{3 * fwd * batch / 1e12:.2f} TFLOP per GPU",
-        f"# memory estimate per GPU (batch {batch}, activation checkpointing {'on' if checkpointing else 'off'}, "
+        f"# memory estimate per GPU (batch {batch}, activation checkpointing {'auto' if mem.plan is not None else 'on' if checkpointing else 'off'}, "
         f"{'compiled' if compiled else 'eager'} layers; fitted to measured peaks, about +-15 %)",
         *mem.lines(),
         *([f"# {mem.plan.describe()} (the GPU's own memory on a real run; checkpoint_budget_gib sets it)"]
