@@ -29,7 +29,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from vwm.checkpoint import load_finetune
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
-from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
+from vwm.checkpoint.manifest import read_manifest
+from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, resume_target
 from vwm.training.preflight import build_loggers, check_data, default_run_name, initial_weights, resolve_launch
 from vwm.training.progress import StepProgressBar, summarize
 from vwm.training.runlock import lock_run_directory
