@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from vwm.actions import context_width
 from vwm.checkpoint import (
     CheckpointError,
     check_ema_shadows,
@@ -40,11 +41,11 @@ from vwm.checkpoint import (
     read_state_dict,
     restore_reduced_precision,
 )
+from vwm.dtypes import DTYPES, DtypeName
+from vwm.fsio import atomic_write_text, fsync_path, honour_umask
 
 log = logging.getLogger(__name__)
 
-Dtype = Literal["fp32", "bf16", "fp16"]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"rtol": 1e-4, "atol": 1e-5},
@@ -81,7 +82,7 @@ class ExportOptions:
     ema: bool | None = None
     """True: fold EMA (error without one); False: raw weights; None: EMA when the source has it."""
     merge_lora: bool = True
-    dtype: Dtype = "fp32"
+    dtype: DtypeName = "fp32"
     config: list[str] | None = None
     """YAML files (then `a.b=c` overrides) of the source's training config; default: the run's or the
     embedded one."""
@@ -285,31 +286,6 @@ def prefix_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, i
     return {k: (n, numel) for k, (n, numel) in sorted(counts.items())}
 
 
-def honour_umask(path: str) -> None:
-    """Give a file the permissions a plain `open()` would (0666 minus the umask): safetensors creates its files
-    0600, which other users of a shared checkpoint folder cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------------------- verification
 
 
@@ -331,15 +307,13 @@ def _verification_inputs(
     model_node: Any, frames: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
     """Fixed random (x, sigma, cond, cond_mask) for a network config, drawn from VERIFY_SEED."""
-    from vwm.actions import ACTION_CONTEXT_DIM
-
     net = model_node["params"]["network_config"]["params"]
     gen = torch.Generator().manual_seed(VERIFY_SEED)
     side = max(8, 2 ** (len(net.get("channel_mult", (1, 2, 4, 4))) - 1))
     out_ch, in_ch = int(net["out_channels"]), int(net["in_channels"])
     x = torch.randn(2, frames, out_ch, side, side, generator=gen)
     sigma = torch.tensor([5.0, 20.0])  # c_skip <= 0.04: the output is mostly the network's
-    width = int(net["context_dim"]) + (ACTION_CONTEXT_DIM if net.get("action_control", False) else 0)
+    width = context_width(net["context_dim"], bool(net.get("action_control", False)))
     cond = {"crossattn": torch.randn(2, 1, width, generator=gen)}
     if net.get("adm_in_channels"):
         cond["vector"] = torch.randn(2, int(net["adm_in_channels"]), generator=gen)
@@ -459,7 +433,7 @@ def _publish_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     try:
         save_file(tensors, tmp, metadata=metadata)
         honour_umask(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         tensors.clear()
         result.verification = verify_export(tmp, config, reference, opts.dtype)
         if not result.verification.passed:
@@ -468,11 +442,11 @@ def _publish_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         result.file_sha256 = file_sha256(tmp)
         result.size = os.path.getsize(tmp)
         os.replace(tmp, result.dst)
-        _fsync(folder)
+        fsync_path(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _write_text_atomic(result.dst + ".sha256", f"{result.file_sha256}  {os.path.basename(result.dst)}\n")
+    atomic_write_text(result.dst + ".sha256", f"{result.file_sha256}  {os.path.basename(result.dst)}\n")
 
 
 def export_checkpoint(opts: ExportOptions) -> ExportResult:

@@ -28,6 +28,7 @@ from torch import nn
 from vwm.actions import (
     ACTION_FEATURES, ACTION_KEYS, COMMANDS, GOAL_IMAGE_SIZE, MODALITIES, STEERING_WHEEL_RANGE_DEG,
 )
+from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
 from vwm.diffusion.guidance import (
     IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG,
 )
@@ -47,10 +48,6 @@ CLIP_WINDOW = 5
 for the temporal decoder (the reference decodes the last 14 to use one)."""
 UC_ZERO_KEYS = ("cond_frames", "cond_frames_without_noise", *ACTION_KEYS)
 """Inputs zeroed in the unconditional branch (reference sample.py: CLIP, concat latent and every action)."""
-FPS_ID = 9
-"""fps conditioning value (10 fps - 1), as in every Vista training clip."""
-MOTION_BUCKET_ID = 127
-"""Motion-bucket conditioning value, as in every Vista training clip."""
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 700.0, 7.0
 """Sampling schedule of the reference (EDM discretisation with sigma_max 700): RolloutSettings' defaults."""
 LOW_VRAM_DECODE_CHUNK = 6

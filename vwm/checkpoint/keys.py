@@ -4,7 +4,8 @@ reduced-precision restore. Pure functions over `{key: tensor}` mappings."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -160,3 +161,28 @@ def family_of(key: str) -> str | None:
             return family
     return None
 
+
+
+@dataclass(frozen=True)
+class KeyDiff:
+    """How a state dict differs from the one a module expects: keys missing, keys unexpected, shapes wrong
+    (each sorted)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """True when the state dict fits exactly."""
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+
+def key_diff(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+             may_miss: Callable[[str], bool] = lambda key: False) -> KeyDiff:
+    """Compare `state` with the state dict a module expects; keys for which `may_miss` is true may be absent."""
+    return KeyDiff(
+        missing=sorted(k for k in expected if k not in state and not may_miss(k)),
+        unexpected=sorted(k for k in state if k not in expected),
+        wrong_shape=sorted(k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)),
+    )

@@ -10,19 +10,11 @@ import zlib
 from typing import Any
 
 from vwm.checkpoint.errors import CheckpointError
+from vwm.fsio import atomic_write_text, fsync_path
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_VERSION = 2
 """Version 2 records {"bytes", "crc32"} per file; version 1 (sizes only) is still read."""
-
-
-def fsync_path(path: str) -> None:
-    """Flush a file's or a directory's (entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_crc32(path: str, chunk: int = 1 << 24) -> str:
@@ -59,12 +51,7 @@ def write_manifest(root: str, info: dict[str, Any], files: dict[str, dict[str, A
     all files are sealed here), atomically (tmp, fsync, rename), then fsync the directories."""
     files = files if files is not None else seal_files(root, checkpoint_files(root))
     manifest = {**info, "manifest_version": MANIFEST_VERSION, "files": dict(sorted(files.items()))}
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    atomic_write_text(os.path.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     for folder, _, _ in os.walk(root):
         fsync_path(folder)
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS, MODALITIES
 from vwm.config import locate
 from vwm.data.base import BrokenSampleError, Clip
+from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
 from vwm.data.video import check_target_size, to_unit_range
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,7 @@ class VideoDataModule(pl.LightningDataModule):
                  seed: int | None = None, action_visibility: Visibility = "rotate", pin_memory: bool = True,
                  persistent_workers: bool = True, timeout: float = 600.0, max_consecutive_failures: int = 16,
                  max_failure_fraction: float = 0.1, convert_on_device: bool = True, cond_aug: float = 0.0,
-                 fps_id: int = 9, motion_bucket_id: int = 127):
+                 fps_id: int = FPS_ID, motion_bucket_id: int = MOTION_BUCKET_ID):
         super().__init__()
         subsets, probs = _plain(subsets), _plain(probs)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),

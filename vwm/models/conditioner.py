@@ -17,6 +17,8 @@ from einops import rearrange, repeat
 from torch import nn
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS
+from vwm.checkpoint.keys import key_diff
+from vwm.dtypes import module_dtype
 from vwm.models.embeddings import timestep_embedding
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Sequence) and not isinstance(obj, str):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _weights_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    param = next(module.parameters(), None)
-    return default if param is None else param.dtype
 
 
 class FrozenOpenCLIPImageEmbedder(Embedder):
@@ -122,14 +119,11 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
                 state = state["state_dict"]
         state = {k.removeprefix("module."): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("transformer.")}
-        own = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        resized = sorted(k for k in set(own) & set(state) if tuple(state[k].shape) != own[k])
-        if missing or unexpected or resized:
+        diff = key_diff(self.model.state_dict(), state)
+        if not diff.ok:
             raise ValueError(
-                f"weights={path!r} does not fit the {self.arch} CLIP model: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}, wrong shape {resized[:8]}"
+                f"weights={path!r} does not fit the {self.arch} CLIP model: missing {diff.missing[:8]}, "
+                f"unexpected {diff.unexpected[:8]}, wrong shape {diff.wrong_shape[:8]}"
             )
         self.model.load_state_dict(state)
         log.info("Loaded OpenCLIP %s weights from %s", self.arch, path)
@@ -148,7 +142,7 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, embed_dim), run in the weights' dtype, returned in the input's."""
-        x = self.preprocess(image).to(_weights_dtype(self.model.visual, torch.float32))
+        x = self.preprocess(image).to(module_dtype(self.model.visual, torch.float32))
         return self.model.visual(x).to(image.dtype)
 
 
@@ -272,7 +266,7 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
             frames = rearrange(frames, "b t c h w -> (b t) c h w")
         chunk = self.en_and_decode_n_samples_a_time or frames.shape[0]
         encode = self.encoder.encode if self.is_ae else self.encoder
-        dtype = _weights_dtype(self.encoder, frames.dtype)
+        dtype = module_dtype(self.encoder, frames.dtype)
         no_autocast = torch.autocast(frames.device.type, enabled=False)
         with no_autocast if self.disable_encoder_autocast else nullcontext():
             latents = torch.cat([encode(part.to(dtype)) for part in frames.split(chunk)])

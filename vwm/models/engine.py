@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vwm.config import instantiate
+from vwm.dtypes import module_dtype
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
 from vwm.training.guards import check_update
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_TAG = "adapter"
 """Parameters whose name contains this are the phase-2 adapters (LoRA and action control)."""
-
-
-def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    """dtype of a module's first parameter (`default` for parameter-free modules)."""
-    param = next(module.parameters(), None)
-    return default if param is None else param.dtype
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -181,7 +176,7 @@ class DiffusionEngine(pl.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames)."""
-        x = x.to(_module_dtype(self.first_stage_model, x.dtype))
+        x = x.to(module_dtype(self.first_stage_model, x.dtype))
         z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
         return z * self.scale_factor
 
@@ -189,7 +184,7 @@ class DiffusionEngine(pl.LightningModule):
     def decode_first_stage(self, z: torch.Tensor, overlap: int = 3, chunk_size: int | None = None) -> torch.Tensor:
         """Scaled latents (B,T,C,h,w) -> pixels (B,T,3,H,W), in windows of `chunk_size` frames (default: the
         config's en_and_decode_n_samples_a_time) whose `overlap` shared frames are averaged."""
-        z = (z / self.scale_factor).to(_module_dtype(self.first_stage_model, z.dtype))
+        z = (z / self.scale_factor).to(module_dtype(self.first_stage_model, z.dtype))
         chunk = chunk_size or self._first_stage_chunk(z.shape[1])
         return self.first_stage_model.decode_video(z, chunk, overlap=overlap)
 
@@ -208,7 +203,7 @@ class DiffusionEngine(pl.LightningModule):
         if moments.ndim != 5 or moments.shape[1] != self.num_frames:
             raise ValueError(f"batch['latent_moments'] has shape {tuple(moments.shape)}; expected (B, "
                              f"num_frames={self.num_frames}, 2C, h, w)")
-        moments = moments.to(_module_dtype(self.first_stage_model, torch.float32))
+        moments = moments.to(module_dtype(self.first_stage_model, torch.float32))
         z = self.first_stage_model.regularization(moments.flatten(0, 1), generator=generator)
         return z.unflatten(0, moments.shape[:2]) * self.scale_factor
 

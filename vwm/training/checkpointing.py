@@ -30,13 +30,13 @@ from pytorch_lightning.strategies import DeepSpeedStrategy
 from vwm.checkpoint.errors import CheckpointError
 from vwm.checkpoint.manifest import (
     checkpoint_files,
-    fsync_path,
     read_manifest,
     seal_files,
     write_manifest,
 )
 from vwm.checkpoint.unpickle import verify_pickles
 from vwm.checkpoint.zero import verify_zero_files, zero_tag_dir
+from vwm.fsio import fsync_path
 from vwm.training.guards import non_finite_tensors
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vwm import actions
 from vwm.config import instantiate
 
 GIB = 1024**3
@@ -43,10 +44,8 @@ def _meta_inputs(unet: nn.Module, batch: int, frames: int, latent_hw: tuple[int,
 
 def context_width(network_node: Mapping) -> int:
     """Cross-attention context width the network expects (CLIP width, plus the action columns when enabled)."""
-    from vwm.actions import ACTION_CONTEXT_DIM
-
     params = network_node["params"]
-    return int(params["context_dim"]) + (ACTION_CONTEXT_DIM if params.get("action_control") else 0)
+    return actions.context_width(params["context_dim"], bool(params.get("action_control")))
 
 
 def latent_downsample(model_node: Mapping) -> int:
