@@ -16,10 +16,15 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from vwm.resources import find_config
+
+if TYPE_CHECKING:  # vwm.models.engine instantiates its parts through this module
+    from vwm.models.engine import DiffusionEngine
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +102,21 @@ ALIASES: dict[str, Alias] = {
 # --------------------------------------------------------------------------------------------------- loading
 
 
+REFERENCE_SUBSETS: dict[str, tuple[str, dict[str, str]]] = {
+    "YouTube": ("vwm.data.opendv.OpenDVSubset",
+                {"data_root": "data/YouTube", "anno_file": "annos/YouTube.json"}),
+    "NuScenes": ("vwm.data.nuscenes.NuScenesSubset",
+                 {"data_root": "data/nuscenes", "anno_file": "annos/nuScenes.json"}),
+}
+"""The reference's subset names and the data roots / annotation files it hard-codes for them."""
+
+
 BASE_KEY = "_base_"
 """A YAML file may list files it extends (paths relative to itself); they are merged first, in order."""
 
 
 def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if not chain:
-        from vwm.resources import find_config
-
         path = find_config(path)
     path = path.resolve()
     if path in chain:
@@ -146,17 +158,11 @@ def _item_names(item: Any) -> set[str]:
     if isinstance(item, DictConfig) and isinstance(item.get("target"), str):
         target = item.target
         names = {target.rsplit(".", 1)[-1]}
-        for name, (ref_target, _) in _reference_subsets().items():
+        for name, (ref_target, _) in REFERENCE_SUBSETS.items():
             if ref_target == target:
                 names.add(name)
         return names
     return set()
-
-
-def _reference_subsets() -> dict[str, tuple[str, dict[str, str]]]:
-    from vwm.data.datamodule import REFERENCE_SUBSETS
-
-    return REFERENCE_SUBSETS
 
 
 def _resolve_named_items(cfg: DictConfig, key: str, item: str) -> str:
@@ -176,8 +182,8 @@ def _resolve_named_items(cfg: DictConfig, key: str, item: str) -> str:
                                   f"0..{len(node) - 1}")
             j = matches[0]
             value = node[j]
-            if isinstance(value, str) and value in _reference_subsets():
-                target, params = _reference_subsets()[value]
+            if isinstance(value, str) and value in REFERENCE_SUBSETS:
+                target, params = REFERENCE_SUBSETS[value]
                 node[j] = {"target": target, "params": dict(params)}
             parts[i] = part = str(j)
             if is_node(node[j]) and parts[i + 1] not in RESERVED_KEYS:
@@ -208,7 +214,7 @@ def load_config(paths: str | Path | Iterable[str | Path], overrides: Sequence[st
         apply_override(cfg, item)
     resolve_aliases(cfg)
     validate(cfg)
-    from vwm.schema import validate_sections
+    from vwm.schema import validate_sections  # vwm.schema checks values with this module's type matcher
 
     validate_sections(cfg)
     return cfg
@@ -444,7 +450,7 @@ def _build(value: Any, config_path: str) -> Any:
     return value
 
 
-def build_model(cfg: DictConfig | Mapping, device: str | torch.device | None = None) -> Any:
+def build_model(cfg: DictConfig | Mapping, device: str | torch.device | None = None) -> DiffusionEngine:
     """Instantiate `cfg.model` (or `cfg` if it is the model node); `device="meta"` builds without allocating."""
     node = cfg["model"] if "model" in cfg else cfg
     if not is_node(node):

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+import vwm
 from vwm.actions import context_width
 from vwm.checkpoint import (
     CheckpointError,
@@ -41,8 +42,10 @@ from vwm.checkpoint import (
     read_state_dict,
     restore_reduced_precision,
 )
+from vwm.config import build_model, instantiate, load_config, resolve_aliases, to_container, validate
 from vwm.dtypes import DTYPES, DtypeName
 from vwm.fsio import atomic_write_text, fsync_path, honour_umask
+from vwm.models.video_unet import UNetWrapper
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +190,6 @@ def find_run_config(src: str) -> str | None:
 
 def config_from_metadata(metadata: Mapping[str, str]) -> DictConfig | None:
     """The validated model config a vwm export embeds (`vwm_config`), if any."""
-    from vwm.config import resolve_aliases, validate
-
     embedded = read_config_metadata(metadata)
     if embedded is None:
         return None
@@ -201,8 +202,6 @@ def config_from_metadata(metadata: Mapping[str, str]) -> DictConfig | None:
 def resolve_source_config(opts: ExportOptions, metadata: Mapping[str, str]) -> tuple[DictConfig, str]:
     """(config the source was trained with, where it came from): --config, else the run's config.yaml, else
     the config embedded in a safetensors source."""
-    from vwm.config import load_config
-
     if opts.config:
         files = [c for c in opts.config if "=" not in c]
         if not files:
@@ -221,11 +220,9 @@ def resolve_source_config(opts: ExportOptions, metadata: Mapping[str, str]) -> t
     )
 
 
-def inference_config(model_node: Any, lora: LoraMode) -> dict[str, Any]:
+def inference_config(model_node: Mapping[str, Any], lora: LoraMode) -> dict[str, Any]:
     """`{"model": node}`: the training model node in inference form (EMA folded, LoRA merged unless kept, no
     loss/sampler/scheduler/optimizer, no training-only switches); action control and the rest unchanged."""
-    from vwm.config import to_container
-
     node = copy.deepcopy(to_container(model_node))
     node.pop("base_learning_rate", None)
     params = node.setdefault("params", {})
@@ -292,11 +289,8 @@ def prefix_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, i
 class _Network(nn.Module):
     """The network and preconditioning of a model config under the engine's names (`model`, `denoiser`)."""
 
-    def __init__(self, model_node: Any):
+    def __init__(self, model_node: Mapping[str, Any]):
         super().__init__()
-        from vwm.config import instantiate
-        from vwm.models.video_unet import UNetWrapper
-
         params = model_node["params"]
         self.model = UNetWrapper(instantiate(params["network_config"]))
         self.denoiser = instantiate(params["denoiser_config"])
@@ -304,7 +298,7 @@ class _Network(nn.Module):
 
 
 def _verification_inputs(
-    model_node: Any, frames: int
+    model_node: Mapping[str, Any], frames: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
     """Fixed random (x, sigma, cond, cond_mask) for a network config, drawn from VERIFY_SEED."""
     net = model_node["params"]["network_config"]["params"]
@@ -325,7 +319,7 @@ def _verification_inputs(
 
 
 @torch.no_grad()
-def denoiser_output(model_node: Any, weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+def denoiser_output(model_node: Mapping[str, Any], weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     """Denoiser output of the network of `model_node`, loaded strictly with the `model.*` keys of
     `weights`, on the fixed verification inputs."""
     net = _Network(model_node)
@@ -340,8 +334,6 @@ def denoiser_output(model_node: Any, weights: Mapping[str, torch.Tensor], name: 
 def verify_export(path: str, expected_config: Mapping, reference: torch.Tensor, dtype: str) -> Verification:
     """Reload `path` strictly into the model built from its embedded config and compare its denoiser output
     with `reference` (the source weights' output) within TOLERANCES[dtype]."""
-    from vwm.config import build_model, to_container
-
     tensors, metadata = read_safetensors(path)
     cfg = _embedded_config(path, metadata, expected_config)
     check_state_dict(build_model(cfg, device="meta").state_dict(), tensors, path, allow_missing=())
@@ -386,8 +378,6 @@ def _check_options(opts: ExportOptions) -> None:
 def _prepare_weights(sd: dict[str, torch.Tensor], opts: ExportOptions, train_cfg: DictConfig,
                      result: ExportResult) -> dict[str, torch.Tensor]:
     """Source weights in the training layout, checked against the training model, EMA folded if chosen."""
-    from vwm.config import build_model
-
     if opts.frozen_from is not None:
         sd, result.restored = restore_reduced_precision(sd, read_state_dict(opts.frozen_from)[0], opts.src)
     result.reduced_precision = sorted(k for k, v in sd.items()
@@ -451,9 +441,6 @@ def _publish_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 def export_checkpoint(opts: ExportOptions) -> ExportResult:
     """Run the whole export; DST appears only once the written file passed verification."""
-    import vwm
-    from vwm.config import to_container
-
     _check_options(opts)
     sd, source_metadata = read_state_dict(opts.src)
     train_cfg, config_source = resolve_source_config(opts, source_metadata)

@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS, MODALITIES
-from vwm.config import locate
+from vwm.config import REFERENCE_SUBSETS, locate
 from vwm.data.base import BrokenSampleError, Clip
 from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
 from vwm.data.video import check_target_size, to_unit_range
@@ -28,13 +29,6 @@ from vwm.data.video import check_target_size, to_unit_range
 log = logging.getLogger(__name__)
 
 Visibility = Literal["rotate", "all"]
-REFERENCE_SUBSETS: dict[str, tuple[str, dict[str, str]]] = {
-    "YouTube": ("vwm.data.opendv.OpenDVSubset",
-                {"data_root": "data/YouTube", "anno_file": "annos/YouTube.json"}),
-    "NuScenes": ("vwm.data.nuscenes.NuScenesSubset",
-                 {"data_root": "data/nuscenes", "anno_file": "annos/nuScenes.json"}),
-}
-"""The reference's subset names and the data roots / annotation files it hard-codes for them."""
 DERIVED_PARAMS = ("num_frames", "target_height", "target_width")
 """Subset constructor arguments the DataModule supplies itself."""
 STATE_VERSION = 2
@@ -63,8 +57,6 @@ class ClipSource(Protocol):
 
 def _plain(value: Any) -> Any:
     if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(value, resolve=True)
     return value
 

@@ -22,12 +22,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vwm.actions import ACTION_KEYS
-from vwm.data.base import BrokenSampleError, Clip
-from vwm.data.video import to_unit_range
 from vwm.checkpoint.formats import read_state_dict
 from vwm.checkpoint.keys import key_diff
+from vwm.cli.common import run_cli
+from vwm.config import instantiate, load_config
+from vwm.data.base import BrokenSampleError, Clip
+from vwm.data.datamodule import VideoDataModule, build_subset
+from vwm.data.video import to_unit_range
 from vwm.dtypes import DTYPES, DtypeName
 from vwm.fsio import honour_umask
+from vwm.models.autoencoder import DiagonalGaussianRegularizer
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +66,6 @@ def shard_file(number: int) -> str:
 def load_first_stage(cfg: DictConfig, ckpt: str | None) -> nn.Module:
     """The config's `model.params.first_stage_config` VAE in eval mode, with the `first_stage_model.*` tensors
     of `ckpt` loaded strictly (random weights when `ckpt` is None)."""
-    from vwm.config import instantiate
-    from vwm.models.autoencoder import DiagonalGaussianRegularizer
-
     node = OmegaConf.select(cfg, "model.params.first_stage_config")
     if node is None:
         raise ValueError("the config has no model.params.first_stage_config: pass the training config "
@@ -114,9 +115,6 @@ def _write_atomic(path: str, write: Any) -> int:
 
 
 def _data_sources(cfg: DictConfig) -> tuple[Any, list[Any], list[Any]]:
-    from vwm.config import instantiate
-    from vwm.data.datamodule import VideoDataModule, build_subset
-
     if "data" not in cfg:
         raise ValueError("the config has no data section (data.target / data.params): the cache encodes "
                          "its subsets")
@@ -364,8 +362,6 @@ def parser(prog: str = "python -m vwm.data.latents") -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from vwm.config import load_config
-
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
@@ -384,8 +380,6 @@ def _build(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.latents") -> int:
     """CLI: `python -m vwm.data.latents build --config CFG [--ckpt W] --out DIR [options] [a.b=c ...]`; exit code
     2 with a one-line message for a user error."""
-    from vwm.cli.common import run_cli
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_cli(prog, lambda a: _build(parser(prog).parse_args(a)), argv)
 

@@ -17,13 +17,17 @@ import numpy as np
 import torch
 
 from vwm.actions import (
-    ACTION_FEATURES, ACTION_KEYS, COMMANDS, GOAL_IMAGE_SIZE, STEERING_WHEEL_RANGE_DEG, command_from_endpoint,
+    ACTION_FEATURES,
+    ACTION_KEYS,
+    COMMANDS,
+    GOAL_IMAGE_SIZE,
+    STEERING_WHEEL_RANGE_DEG,
+    command_from_endpoint,
     key_frame_indices,
 )
+from vwm.cli.common import run_cli
 from vwm.data.base import Clip
-from vwm.data.video import (
-    MediaRoot, check_target_size, load_image_sequence, read_json_list, summarize_rejections,
-)
+from vwm.data.video import MediaRoot, check_target_size, load_image_sequence, read_json_list, summarize_rejections
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +321,6 @@ def parser(prog: str = "python -m vwm.data.nuscenes") -> argparse.ArgumentParser
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.nuscenes") -> int:
     """CLI: `python -m vwm.data.nuscenes build --data_root D --version V --split S --out F`; exit code 2 with a
     one-line message for a user error."""
-    from vwm.cli.common import run_cli
-
     return run_cli(prog, lambda a: _build(parser(prog).parse_args(a)), argv)
 
 

@@ -19,10 +19,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vwm.cli.common import run_cli
 from vwm.data.base import BrokenSampleError, Clip
 from vwm.data.video import (
-    IMAGE_EXTENSIONS, MediaRoot, VideoInfo, check_target_size, decode_video, load_image_sequence, probe_video,
-    read_json_list, summarize_rejections,
+    IMAGE_EXTENSIONS,
+    MediaRoot,
+    VideoInfo,
+    check_target_size,
+    decode_video,
+    load_image_sequence,
+    probe_video,
+    read_json_list,
+    summarize_rejections,
 )
 
 log = logging.getLogger(__name__)
@@ -244,8 +252,6 @@ def _index(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.opendv") -> int:
     """CLI: `python -m vwm.data.opendv index --data_root D --out F` writes the scanned clips as JSON; exit code 2
     with a one-line message for a user error."""
-    from vwm.cli.common import run_cli
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_cli(prog, lambda a: _index(parser(prog).parse_args(a)), argv)
 

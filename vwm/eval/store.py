@@ -16,6 +16,7 @@ none; a clip is generated again only if its record is missing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -35,8 +36,6 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 def atomic_write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed npz written atomically."""
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())

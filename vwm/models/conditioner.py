@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from einops import rearrange, repeat
+from safetensors.torch import load_file
 from torch import nn
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS
@@ -110,8 +111,6 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
     def load_weights(self, path: str) -> None:
         """Load CLIP weights from a local safetensors / open_clip checkpoint (text transformer dropped)."""
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vwm.config import build_model, to_container
 from vwm.training.flops import GIB, estimate_for_config, latent_downsample, unet_forward_flops
+from vwm.training.preflight import check_data, check_weights_config, describe_loggers, initial_weights, resolve_launch
 
 
 def parameter_table(model) -> tuple[list[str], int, int, int]:
@@ -31,9 +32,6 @@ def parameter_table(model) -> tuple[list[str], int, int, int]:
 def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     """Report for --dry-run (the model is built on the meta device; nothing is allocated). Raises what a real run
     would raise at start-up (missing weights or data, bad launch values)."""
-    from vwm.training.preflight import (check_data, check_weights_config, describe_loggers, initial_weights,
-                                        resolve_launch)
-
     weights = initial_weights(cfg, finetune=opts.finetune, from_scratch=opts.from_scratch, resume=resume)
     weights_note = check_weights_config(weights, cfg.model)
     # Planning usually happens on a machine without the GPUs: assume the GPU default unless told cpu.

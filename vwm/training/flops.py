@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vwm import actions
-from vwm.config import instantiate
+from vwm.config import build_model, instantiate, to_container
+from vwm.models.video_unet import VideoLayer
 
 GIB = 1024**3
 
@@ -108,8 +110,6 @@ def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: i
                        dtype: torch.dtype = torch.bfloat16, downsample: int = 8) -> ActivationProfile:
     """Count the saved tensors of one forward of a meta-device UNet (as the engine built it: frozen weights need no
     saved inputs) with and without activation checkpointing."""
-    from vwm.models.video_unet import VideoLayer
-
     unet = unet.to(dtype)
     layers = [m for m in unet.modules() if isinstance(m, VideoLayer)]
     was = [(m.use_checkpoint, m.__dict__.get("compiled_run")) for m in layers]
@@ -276,10 +276,6 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
                         ) -> MemoryEstimate:
     """The per-GPU peak of a training config (its model, data size, checkpointing, compile and ZeRO settings);
     `model` is the config's model built on the meta device (built here when not given)."""
-    from omegaconf import OmegaConf
-
-    from vwm.config import build_model, to_container
-
     if model is None:
         model = build_model(cfg, device="meta")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

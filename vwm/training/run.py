@@ -7,6 +7,7 @@ TensorBoard logs and sample videos.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -26,11 +27,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+import vwm
 from vwm.checkpoint import load_finetune
+from vwm.checkpoint.manifest import read_manifest
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
-from vwm.checkpoint.manifest import read_manifest
 from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, resume_target
+from vwm.training.flops import latent_downsample, unet_forward_flops
 from vwm.training.preflight import build_loggers, check_data, default_run_name, initial_weights, resolve_launch
 from vwm.training.progress import StepProgressBar, summarize
 from vwm.training.runlock import lock_run_directory
@@ -88,8 +91,6 @@ def run_dir_for(opts: TrainOptions) -> tuple[str, str | None]:
 
 def _environment() -> dict[str, Any]:
     import deepspeed
-
-    import vwm
 
     env = {
         "python": sys.version.split()[0], "torch": torch.__version__, "pytorch_lightning": pl.__version__,
@@ -175,8 +176,6 @@ def _note_world_size_change(manifest: dict[str, Any], world: int, cfg: DictConfi
 
 def trainer_kwargs(cfg: DictConfig, opts: TrainOptions) -> dict[str, Any]:
     """`pl.Trainer` arguments from the config's `lightning.trainer` section (checked against its signature)."""
-    import inspect
-
     section = dict(to_container(OmegaConf.select(cfg, "lightning.trainer")) or {})
     allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(section) - allowed)
@@ -202,8 +201,6 @@ def checkpoint_settings(cfg: DictConfig) -> tuple[int, int]:
 def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], world: int,
                     info: dict[str, Any]) -> tuple[list, CheckpointEvery]:
     """Checkpointing, metrics file, throughput/MFU, LR monitor, progress bar and the configured callbacks."""
-    from vwm.training.flops import latent_downsample, unet_forward_flops
-
     every, keep = checkpoint_settings(cfg)
     ckpt = CheckpointEvery(os.path.join(run_dir, "checkpoints"), every_n_steps=every, keep_last=keep, info=info)
     frames = int(cfg.model.params.get("num_frames", 25))
