@@ -43,6 +43,7 @@ from vwm.checkpoint import (
     restore_reduced_precision,
 )
 from vwm.config import build_model, instantiate, load_config, resolve_aliases, to_container, validate
+from vwm.defaults import NUM_FRAMES
 from vwm.dtypes import DTYPES, DtypeName
 from vwm.fsio import atomic_write_text, fsync_path, honour_umask
 from vwm.models.video_unet import UNetWrapper
@@ -294,7 +295,7 @@ class _Network(nn.Module):
         params = model_node["params"]
         self.model = UNetWrapper(instantiate(params["network_config"]))
         self.denoiser = instantiate(params["denoiser_config"])
-        self.num_frames = int(params.get("num_frames", 25))
+        self.num_frames = int(params.get("num_frames", NUM_FRAMES))
 
 
 def _verification_inputs(

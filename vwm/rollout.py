@@ -29,6 +29,7 @@ from vwm.actions import (
     ACTION_FEATURES, ACTION_KEYS, COMMANDS, GOAL_IMAGE_SIZE, MODALITIES, STEERING_WHEEL_RANGE_DEG,
 )
 from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
+from vwm.defaults import SAMPLING_STEPS
 from vwm.diffusion.guidance import (
     IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG,
 )
@@ -60,7 +61,7 @@ class RolloutSettings:
 
     n_rounds: int = 1
     n_conds: int = 1
-    n_steps: int = 50
+    n_steps: int = SAMPLING_STEPS
     cfg_scale: float = 2.5
     guider: GuiderName | None = None
     """None: vanilla CFG for one round, the triangle schedule for several (the reference's choice)."""

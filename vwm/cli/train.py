@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 
 from vwm.cli.common import quiet, run_cli
 from vwm.config import ConfigError
+from vwm.defaults import SEED
 from vwm.training.dry_run import describe
 from vwm.training.preflight import default_run_name
 from vwm.training.run import TrainOptions, prepare, train
@@ -87,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
                    help="accepted for the reference's commands (true); for a check without training use --dry-run")
     p.add_argument("-d", "--debug", action="store_true",
                    help="full tracebacks for errors (also VWM_DEBUG=1); the reference started a debugger")
-    p.add_argument("-s", "--seed", type=int, default=23)
+    p.add_argument("-s", "--seed", type=int, default=SEED)
     p.add_argument("--no_test", type=_bool, default=True, nargs="?", const=True,
                    help="skip the test pass after fitting (default true, as in the reference)")
     p.add_argument("--scale_lr", type=_bool, default=False, nargs="?", const=True,

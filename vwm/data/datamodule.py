@@ -25,6 +25,7 @@ from vwm.config import REFERENCE_SUBSETS, locate
 from vwm.data.base import BrokenSampleError, Clip
 from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
 from vwm.data.video import check_target_size, to_unit_range
+from vwm.defaults import NUM_FRAMES, TRAIN_HEIGHT, TRAIN_WIDTH
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ class VideoDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2, shuffle: bool = True,
                  subsets: Sequence[str | Mapping[str, Any] | ClipSource] | None = None,
                  probs: Sequence[float] | None = None, samples_per_epoch: int | None = None,
-                 target_height: int = 320, target_width: int = 576, num_frames: int = 25,
+                 target_height: int = TRAIN_HEIGHT, target_width: int = TRAIN_WIDTH, num_frames: int = NUM_FRAMES,
                  seed: int | None = None, action_visibility: Visibility = "rotate", pin_memory: bool = True,
                  persistent_workers: bool = True, timeout: float = 600.0, max_consecutive_failures: int = 16,
                  max_failure_fraction: float = 0.1, convert_on_device: bool = True, cond_aug: float = 0.0,

@@ -32,6 +32,7 @@ from vwm.data.video import (
     read_json_list,
     summarize_rejections,
 )
+from vwm.defaults import NUM_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class OpenDVSubset:
     """OpenDV-YouTube clips of `num_frames` consecutive frames from frame folders or videos (no actions)."""
 
     def __init__(self, data_root: str = "data/YouTube",
-                 anno_file: str | Sequence[str] | None = "annos/YouTube.json", *, num_frames: int = 25,
+                 anno_file: str | Sequence[str] | None = "annos/YouTube.json", *, num_frames: int = NUM_FRAMES,
                  target_height: int = 320, target_width: int = 576, stride: int = 1,
                  video_fps: float | None = OPENDV_FPS, jpeg_draft: bool = True, strict: bool = False):
         check_target_size(target_height, target_width)
@@ -212,7 +213,7 @@ def _consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def scan_annotations(data_root: str, *, num_frames: int = 25, stride: int = 1,
+def scan_annotations(data_root: str, *, num_frames: int = NUM_FRAMES, stride: int = 1,
                      video_fps: float | None = OPENDV_FPS) -> list[dict[str, Any]]:
     """Annotation entries (reference schema, plus `video` entries) for every clip found by scanning a tree."""
     subset = OpenDVSubset(data_root, None, num_frames=num_frames, stride=stride, video_fps=video_fps)
@@ -233,7 +234,7 @@ def parser(prog: str = "python -m vwm.data.opendv") -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="scan frame folders and videos, write annotation JSON")
     index.add_argument("--data_root", "--data-root", "--dataroot", dest="data_root", required=True)
     index.add_argument("--out", required=True)
-    index.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=25)
+    index.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=NUM_FRAMES)
     index.add_argument("--stride", type=int, default=1)
     index.add_argument("--video_fps", "--video-fps", dest="video_fps", type=float, default=OPENDV_FPS)
     index.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")

@@ -26,6 +26,7 @@ import numpy as np
 
 from vwm.data.nuscenes import NuScenesSubset
 from vwm.data.toyworld import CAMERA, STEERING_RATIO, ToyWorldSubset, WHEELBASE_M
+from vwm.defaults import NUM_FRAMES
 from vwm.eval.action_score import agreement, score_motion, spearman
 from vwm.eval.egomotion import Intrinsics, NUSCENES_CAM_FRONT, estimate_ego_motion
 
@@ -74,7 +75,7 @@ def validate_toy(clips: int, frames: int, height: int, width: int, seed: int = 7
 
 
 def validate_nuscenes(data_root: str, anno_file: str, limit: int | None, height: int, width: int,
-                      frames: int = 25) -> dict:
+                      frames: int = NUM_FRAMES) -> dict:
     """Agreement of the estimate on real nuScenes clips with their own trajectories."""
     subset = NuScenesSubset(data_root, anno_file, num_frames=frames, target_height=height, target_width=width,
                             turn_repeat=1, complete_repeat=1, jpeg_draft=False)

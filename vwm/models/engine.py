@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vwm.config import instantiate
+from vwm.defaults import NUM_FRAMES
 from vwm.dtypes import module_dtype
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
@@ -59,7 +60,7 @@ class DiffusionEngine(pl.LightningModule):
         input_key: str = "img_seq",
         compile_model: bool = False,
         en_and_decode_n_samples_a_time: int | None = 14,
-        num_frames: int = 25,
+        num_frames: int = NUM_FRAMES,
         slow_spatial_layers: bool = False,
         train_peft_adapters: bool = False,
         replace_cond_frames: bool = False,

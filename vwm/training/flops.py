@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vwm import actions
 from vwm.config import build_model, instantiate, to_container
 from vwm.models.video_unet import VideoLayer
+from vwm.training.settings import RunSettings
 
 GIB = 1024**3
 
@@ -48,16 +49,6 @@ def context_width(network_node: Mapping) -> int:
     """Cross-attention context width the network expects (CLIP width, plus the action columns when enabled)."""
     params = network_node["params"]
     return actions.context_width(params["context_dim"], bool(params.get("action_control")))
-
-
-def latent_downsample(model_node: Mapping) -> int:
-    """Pixels per latent side of the model's first stage (8 for the SD/SVD VAE, `patch` for PixelShuffle)."""
-    stage = (model_node.get("params") or {}).get("first_stage_config") or {}
-    params = stage.get("params") or {}
-    if "patch" in params or str(stage.get("target", "")).endswith("PixelShuffleAutoencoder"):
-        return int(params.get("patch", 4))
-    encoder = (params.get("encoder_config") or {}).get("params") or {}
-    return 2 ** (len(encoder.get("ch_mult", [1, 2, 4, 4])) - 1)
 
 
 def unet_forward_flops(network_node: Mapping, frames: int, height: int, width: int, batch: int = 1,
@@ -284,11 +275,9 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     data = dict(to_container(OmegaConf.select(cfg, "data.params")) or {})
     model_params = dict(to_container(OmegaConf.select(cfg, "model.params")) or {})
     network = model_params["network_config"]
-    frames = int(model_params.get("num_frames", 25))
-    height, width = int(data.get("target_height", 320)), int(data.get("target_width", 576))
-    batch = int(data.get("batch_size", 1))
-    down = latent_downsample(to_container(cfg["model"]))
-    checkpointing = bool(network["params"].get("use_checkpoint"))
+    run = RunSettings.from_config(cfg)
+    frames, height, width, batch, down = run.num_frames, run.height, run.width, run.batch_size, run.latent_downsample
+    checkpointing = run.use_checkpoint
     half = precision.startswith(("bf16", "16"))
     profile = activation_profile(model.model.diffusion_model, context_width(network), frames, height, width, batch,
                                  dtype=torch.bfloat16 if half else torch.float32, downsample=down)
@@ -303,8 +292,7 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
                  for s in data.get("subsets") or [None])
     vae = 0 if cached or stage.endswith("PixelShuffleAutoencoder") else int(
         coef["vae_bytes_per_pixel"] * chunk * height * width * (1 if half else 2))  # fp32 VAE: twice the bytes
-    strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
-    zero = int(strategy.rsplit("_", 1)[-1]) if strategy.startswith("deepspeed") and strategy[-1].isdigit() else 0
+    zero = run.zero_stage or 0
     bucket = int((to_container(OmegaConf.select(cfg, "lightning.deepspeed")) or {}).get(
         "reduce_bucket_size", 200_000_000))
     return estimate_memory(trainable, frozen, ema, world_size, int(activations), precision=precision,

@@ -23,6 +23,7 @@ from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from pytorch_lightning.trainer.states import TrainerFn
 
 from vwm.training.deepspeed_io import write_through_python_files
+from vwm.training.settings import zero_stage
 from vwm.training.zero_reshard import load_repartitioned, saved_world_size
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def build_strategy(name: str | None, lightning_cfg: Mapping[str, Any], timeout_s
     name = name or "auto"
     timeout = timedelta(seconds=timeout_s)
     if name.startswith("deepspeed"):
-        stage = int(name.rsplit("_", 1)[-1]) if name[-1].isdigit() else 2
+        stage = zero_stage(name)
         if stage not in (1, 2):
             raise ValueError(f"strategy={name!r}: vwm supports ZeRO stages 1 and 2 (optimizer/gradient sharding)")
         zero = {**DEEPSPEED_DEFAULTS, **dict(lightning_cfg.get("deepspeed") or {})}
