@@ -309,15 +309,8 @@ def _conditioning(model: DiffusionEngine, placement: Placement, pixels: torch.Te
     }
     embedders = list(model.conditioner.embedders)
     uc_keys = [k for k in UC_ZERO_KEYS if k in {e.input_key for e in embedders}]
-    encoders = [e for e in embedders if hasattr(e, "skip_encode")]
-    with placement.use(model.conditioner):
-        for e in encoders:
-            e.skip_encode = skip_encode
-        try:
-            return model.get_conditioning(batch, uc_keys=uc_keys)
-        finally:
-            for e in encoders:
-                e.skip_encode = False
+    with placement.use(model.conditioner), model.conditioner.latent_condition_frames(skip_encode):
+        return model.get_conditioning(batch, uc_keys=uc_keys)
 
 
 def decode_latents(model: DiffusionEngine, z: torch.Tensor, chunk: int,

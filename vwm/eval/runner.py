@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vwm.cli.sample import SampleOptions, configured_frames, load_model, model_config
 from vwm.data.base import Clip
 from vwm.data.nuscenes import NuScenesSubset
 from vwm.data.toyworld import ToyWorldSubset
@@ -39,6 +38,8 @@ from vwm.eval.protocol import PRESETS, Protocol
 from vwm.eval.weights import sha256_of
 from vwm.media import write_mp4
 from vwm.rollout import Placement
+from vwm.sampling.model import configured_frames, load_model, model_config
+from vwm.sampling.options import SampleOptions
 
 log = logging.getLogger(__name__)
 

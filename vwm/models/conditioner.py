@@ -6,9 +6,10 @@ bucket, 3 VAE encoder of the condition frame, 4 cond_aug, 5-9 actions), so it mu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -218,7 +219,8 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
     With `is_ae` the encoder's `encode` is used (the posterior mode for AutoencoderKLModeOnly), else its
     forward; the result is multiplied by `scale_factor` (1.0 in SVD: the latent stays unscaled). Frames are
     encoded `en_and_decode_n_samples_a_time` at a time. `disable_encoder_autocast` runs the encoder with
-    autocast off. Setting `skip_encode` makes the input a latent that passes straight through (long rollouts).
+    autocast off. Inside `GeneralConditioner.latent_condition_frames()` the input is a latent that passes straight through
+    (long rollouts).
     The reference's noise augmentation (`sigma_sampler_config`, `sigma_cond_config`) is not supported.
     """
 
@@ -321,6 +323,19 @@ class GeneralConditioner(nn.Module):
         c = self._assemble(outputs, force_cond_zero_embeddings, None, dropout=False)
         uc = self._assemble(outputs, force_uc_zero_embeddings, None, dropout=False)
         return c, uc
+
+    @contextlib.contextmanager
+    def latent_condition_frames(self, enabled: bool = True) -> Iterator[None]:
+        """Within the block, the VAE-encoder embedders take their input as an already encoded (unscaled) latent and
+        pass it through (long rollouts reuse the previous round's latents); restored on exit."""
+        encoders = [e for e in self.embedders if isinstance(e, VideoPredictionEmbedderWithEncoder)]
+        for e in encoders:
+            e.skip_encode = enabled
+        try:
+            yield
+        finally:
+            for e in encoders:
+                e.skip_encode = False
 
     def _embed(self, batch: Mapping[str, Any]) -> list[torch.Tensor]:
         outputs = []
