@@ -14,7 +14,7 @@ import logging
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -97,6 +97,62 @@ ALIASES: dict[str, Alias] = {
     "vwm.data.dataset.Sampler": Alias("vwm.data.datamodule.VideoDataModule"),
     "train.ImageLogger": Alias("vwm.training.callbacks.VideoLogger", ("num_frames",)),
 }
+
+
+@dataclass(frozen=True)
+class ParamAliases:
+    """How the config keys of a vwm class (the reference's schema) differ from its constructor's parameters:
+    keys passed under another name, and reference keys the class does not take, each with the reason."""
+
+    renames: Mapping[str, str] = field(default_factory=dict)
+    """config key -> constructor parameter."""
+    drops: Mapping[str, str] = field(default_factory=dict)
+    """config key -> why vwm drops it (accepted in configs, never passed to the constructor)."""
+    why: str = ""
+    """Why the keys are renamed."""
+
+
+_BUILT = "the reference's `<name>_config` keys receive built modules, so the parameter is named for the module"
+PARAM_ALIASES: dict[str, ParamAliases] = {
+    "vwm.models.engine.DiffusionEngine": ParamAliases(renames={
+        "network_config": "network", "denoiser_config": "denoiser", "first_stage_config": "first_stage",
+        "conditioner_config": "conditioner", "sampler_config": "sampler", "loss_fn_config": "loss_fn",
+        "scheduler_config": "scheduler"}, why=_BUILT + " (optimizer_config stays: it is an unbuilt node)"),
+    "vwm.diffusion.denoiser.Denoiser": ParamAliases(renames={"scaling_config": "scaling"}, why=_BUILT),
+    "vwm.models.conditioner.FrozenOpenCLIPImageEmbedder": ParamAliases(drops={
+        "version": "the reference's pretrained-weights tag; vwm never downloads (weights come from a file)"}),
+}
+"""Per vwm class (and its subclasses): the reference's parameter names and dead keys, absorbed here so the
+classes keep honest signatures while reference configs (and ours, which keep the reference schema) load
+unchanged. Config trees (and the configs embedded in exports) keep the reference keys; only construction sees
+the vwm names. Not yet here: the KL-VAE classes (`AutoencodingEngine.*_config`, `Encoder.out_ch`,
+`Decoder.in_channels/double_z`, `AutoencoderKLModeOnly.monitor`) and the conditioner's embedders
+(`open_clip_embedding_config`, `encoder_config`), which the state-dict contract tests build directly from the
+reference YAML params."""
+
+
+def param_aliases(cls: Any) -> ParamAliases:
+    """The merged ParamAliases of a class and its bases."""
+    renames: dict[str, str] = {}
+    drops: dict[str, str] = {}
+    for klass in reversed(cls.__mro__ if inspect.isclass(cls) else ()):
+        entry = PARAM_ALIASES.get(f"{klass.__module__}.{klass.__qualname__}")
+        if entry is not None:
+            renames.update(entry.renames)
+            drops.update(entry.drops)
+    return ParamAliases(renames=renames, drops=drops)
+
+
+def constructor_arguments(cls: Any, args: Mapping[str, Any], path: str = "<node>") -> dict[str, Any]:
+    """A node's arguments under the constructor's names: renamed keys renamed, dropped keys removed."""
+    aliases = param_aliases(cls)
+    out = {}
+    for key, value in args.items():
+        if key in aliases.drops:
+            log.debug("%s.%s: dropped (%s)", path, key, aliases.drops[key])
+            continue
+        out[aliases.renames.get(key, key)] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -264,6 +320,19 @@ def is_node(value: Any) -> bool:
     return isinstance(value, (Mapping, DictConfig)) and "target" in value
 
 
+def config_parameters(cls: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """The parameters a config node of `cls` may set, under their config names (PARAM_ALIASES: renamed ones under
+    the reference's name, dropped ones as optional and untyped), and their type hints."""
+    params, hints = _signature_params(cls)
+    aliases = param_aliases(cls)
+    back = {new: old for old, new in aliases.renames.items()}
+    params = {back.get(name, name): p for name, p in params.items()}
+    hints = {back.get(name, name): h for name, h in hints.items()}
+    for name in aliases.drops:
+        params.setdefault(name, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+    return params, hints
+
+
 def _signature_params(cls: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
     """Keyword parameters of a class constructor (following **kwargs into base classes) and their type hints."""
     params: dict[str, inspect.Parameter] = {}
@@ -331,7 +400,7 @@ def _validate_node(node: Mapping | DictConfig, path: str, injected: bool = False
     if not isinstance(target, str):
         raise ConfigError(f"{where}.target must be a dotted class path, got {target!r}")
     cls = locate(target, f"{where}.target")
-    params, hints = _signature_params(cls)
+    params, hints = config_parameters(cls)
     args = node_arguments(node)
     unbuilt = set(getattr(cls, "config_unbuilt", ()))
     for name, value in args.items():
@@ -431,6 +500,7 @@ def instantiate(node: Any, config_path: str = "<node>", **extra: Any) -> Any:
     cls = locate(node["target"])
     skip = set(getattr(cls, "config_unbuilt", ()))
     kwargs = {k: (v if k in skip else _build(v, f"{config_path}.params.{k}")) for k, v in node_arguments(node).items()}
+    kwargs = constructor_arguments(cls, kwargs, config_path)
     kwargs.update(extra)
     try:
         return cls(**kwargs)

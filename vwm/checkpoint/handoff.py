@@ -13,7 +13,7 @@ from vwm.actions import ACTION_KEYS
 from vwm.checkpoint.errors import CheckpointError
 from vwm.checkpoint.formats import read_config_metadata, read_state_dict
 from vwm.checkpoint.loading import LoadReport, load_weights
-from vwm.config import is_node, locate, node_arguments, to_container
+from vwm.config import is_node, locate, node_arguments, param_aliases, to_container
 
 HANDOFF_NETWORK_PARAMS = frozenset({
     "add_lora", "lora_rank", "lora_scale", "action_control", "separate_cond_time_embed", "use_checkpoint",
@@ -30,10 +30,13 @@ def _normalized(value: object) -> object:
     and an omitted one compare equal."""
     if is_node(value):
         cls = locate(value["target"])
+        aliases = param_aliases(cls)
+        back = {new: old for old, new in aliases.renames.items()}
         simple = (bool, int, float, str, type(None))
-        args = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+        args = {back.get(name, name): p.default for name, p in inspect.signature(cls).parameters.items()
                 if p.default is not inspect.Parameter.empty and isinstance(p.default, simple)}
         args.update(node_arguments(value))
+        args = {k: v for k, v in args.items() if k not in aliases.drops}  # dead keys never change the weights
         return {"target": value["target"], **{k: _normalized(v) for k, v in args.items()}}
     if isinstance(value, Mapping):
         return {k: _normalized(v) for k, v in value.items()}

@@ -70,13 +70,13 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
     embed_dim / vision_cfg / text_cfg) without downloading anything. Its text transformer is deleted as in
     the reference (token embedding, ln_final, text_projection and logit_scale stay in the state dict).
     Weights come from the checkpoint that loads the whole model, or from the local file `weights`
-    (safetensors or an open_clip checkpoint). `version` (the reference's pretrained tag) is ignored.
+    (safetensors or an open_clip checkpoint). The reference's `version`
+    (pretrained tag) is dropped by vwm.config.PARAM_ALIASES.
     """
 
     def __init__(
         self,
         arch: str = "ViT-H-14",
-        version: str = "laion2b_s32b_b79k",
         freeze: bool = True,
         antialias: bool = True,
         weights: str | None = None,

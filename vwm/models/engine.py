@@ -45,14 +45,14 @@ class DiffusionEngine(pl.LightningModule):
 
     def __init__(
         self,
-        network_config: nn.Module,
-        denoiser_config: nn.Module,
-        first_stage_config: nn.Module,
-        conditioner_config: nn.Module,
-        sampler_config: Any = None,
+        network: nn.Module,
+        denoiser: nn.Module,
+        first_stage: nn.Module,
+        conditioner: nn.Module,
+        sampler: Any = None,
         optimizer_config: dict | None = None,
-        scheduler_config: Any = None,
-        loss_fn_config: Any = None,
+        scheduler: Any = None,
+        loss_fn: Any = None,
         use_ema: bool = False,
         ema_decay_rate: float = 0.9999,
         scale_factor: float = 1.0,
@@ -72,14 +72,14 @@ class DiffusionEngine(pl.LightningModule):
             raise ValueError("slow_spatial_layers and train_peft_adapters are exclusive optimizer modes; set one")
         if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
             raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
-        self.model = UNetWrapper(network_config, compile_model=compile_model)
-        self.denoiser = denoiser_config
-        self.conditioner = conditioner_config
-        self.first_stage_model = first_stage_config
-        self.sampler = sampler_config
-        self.loss_fn = loss_fn_config
+        self.model = UNetWrapper(network, compile_model=compile_model)
+        self.denoiser = denoiser
+        self.conditioner = conditioner
+        self.first_stage_model = first_stage
+        self.sampler = sampler
+        self.loss_fn = loss_fn
         self.optimizer_config = optimizer_config or {"target": "torch.optim.AdamW"}
-        self.scheduler_config = scheduler_config
+        self.scheduler_config = scheduler
         self.scale_factor = scale_factor
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.input_key = input_key
