@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS, MODALITIES
 from vwm.config import REFERENCE_SUBSETS, locate
 from vwm.data.base import BrokenSampleError, Clip
-from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
-from vwm.data.video import check_target_size, to_unit_range
+from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID, finalize_batch
+from vwm.data.video import check_target_size
 from vwm.defaults import NUM_FRAMES, TRAIN_HEIGHT, TRAIN_WIDTH
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,11 @@ class ClipCollator:
     """Stack dataset items into the batch contract (frames left uint8 unless `convert`); items from a latent
     cache give `latent_moments` (B,T,2C,h,w) and the condition frame instead of `img_seq`."""
 
-    def __init__(self, *, convert: bool, cond_aug: float, fps_id: int, motion_bucket_id: int, seed: int):
+    def __init__(self, *, convert: bool, cond_aug: float, fps_id: int, motion_bucket_id: int):
         self.convert = convert
         self.cond_aug = cond_aug
         self.fps_id = fps_id
         self.motion_bucket_id = motion_bucket_id
-        self.seed = seed
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         size = len(items)
@@ -235,35 +234,7 @@ class ClipCollator:
         batch["cond_aug"] = torch.full((size,), self.cond_aug, dtype=torch.float32)
         batch["fps_id"] = torch.full((size,), float(self.fps_id), dtype=torch.float32)
         batch["motion_bucket_id"] = torch.full((size,), float(self.motion_bucket_id), dtype=torch.float32)
-        return finalize_batch(batch, cond_aug=self.cond_aug, seed=self.seed) if self.convert else batch
-
-
-def finalize_batch(batch: dict[str, torch.Tensor], *, cond_aug: float = 0.0, seed: int = 0
-                   ) -> dict[str, torch.Tensor]:
-    """uint8 `img_seq` -> [-1, 1] float32 plus `cond_frames_without_noise` (frame 0) and `cond_frames`
-    (frame 0 + cond_aug * noise, noise seeded by the batch's sample ids); a latent-cache batch (no
-    `img_seq`) has only its uint8 `cond_frames_without_noise` converted; a batch already in floats is returned
-    unchanged."""
-    if "img_seq" in batch:
-        if batch["img_seq"].dtype != torch.uint8:
-            return batch
-        video = to_unit_range(batch["img_seq"])
-        first = video[:, 0].clone()
-        batch["img_seq"] = video
-    else:
-        if batch["cond_frames_without_noise"].dtype != torch.uint8:
-            return batch
-        first = to_unit_range(batch["cond_frames_without_noise"])
-    batch["cond_frames_without_noise"] = first
-    if cond_aug == 0.0:
-        batch["cond_frames"] = first.clone()
-    else:
-        ids = batch["sample_id"].tolist()
-        generator = torch.Generator(device=first.device)
-        generator.manual_seed(hash((seed, *map(tuple, ids))) & (2**63 - 1))
-        noise = torch.randn(first.shape, generator=generator, device=first.device, dtype=first.dtype)
-        batch["cond_frames"] = first + cond_aug * noise
-    return batch
+        return finalize_batch(batch) if self.convert else batch
 
 
 class ClipSampler(DistributedSampler):
@@ -500,8 +471,7 @@ class VideoDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
             collate_fn=ClipCollator(convert=not self.convert_on_device, cond_aug=self.cond_aug,
-                                    fps_id=self.fps_id, motion_bucket_id=self.motion_bucket_id,
-                                    seed=self.seed or 0),
+                                    fps_id=self.fps_id, motion_bucket_id=self.motion_bucket_id),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=self.persistent_workers and workers, timeout=self.timeout if workers else 0.0,
@@ -524,8 +494,9 @@ class VideoDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int
                                 ) -> dict[str, torch.Tensor]:
-        """Convert uint8 frames to the contract's [-1, 1] floats on the training device."""
-        return finalize_batch(batch, cond_aug=self.cond_aug, seed=self.seed or 0)
+        """Convert uint8 frames to the contract's [-1, 1] floats on the training device (when the workers did not:
+        `convert_on_device`)."""
+        return finalize_batch(batch) if self.convert_on_device else batch
 
     # ---------------------------------------------------------------- resumability
 

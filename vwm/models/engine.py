@@ -21,9 +21,11 @@ from torch import nn
 
 from vwm.config import instantiate
 from vwm.defaults import NUM_FRAMES
+from vwm.diffusion.loss import DiffusionLossOutput
 from vwm.dtypes import module_dtype
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
+from vwm.training import step
 from vwm.training.guards import check_update
 
 log = logging.getLogger(__name__)
@@ -225,22 +227,13 @@ class DiffusionEngine(pl.LightningModule):
             )
         return self.encode_first_stage(x, generator=generator)
 
-    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator):
-        """Diffusion loss terms for one batch (conditioning dropout, sigma, noise drawn from `generator`)."""
-        if self.loss_fn is None:
-            raise ValueError("the model config has no loss_fn_config: it cannot be trained")
-        # Conditioning first: its CLIP preprocessing waits for the GPU (small host-to-device tensors), which is
-        # cheap while the queue is short, before the VAE encode and the UNet are queued behind it.
-        cond = self.conditioner(batch, generator=generator)
-        z = self.latents_of(batch, generator)
-        return self.loss_fn(self.model, self.denoiser, cond, z, generator=generator)
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> DiffusionLossOutput:
+        """Diffusion loss terms for one batch, every random draw from `generator` (vwm/training/step.py)."""
+        return step.diffusion_loss(self, batch, generator)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # Seeded by the data position (epoch, stream position) the DataModule tracks, which a resumed run restores
-        # exactly, unlike Lightning's batch_idx (it restarts differently after a stop on an epoch's last batch).
-        position = batch.get("data_position")
-        keys = (self.global_step, *position) if position is not None else (self.global_step, batch_idx)
-        out = self.compute_loss(batch, self.make_generator(*keys))
+        # The whole step, hook by hook: vwm/training/step.py.
+        out = self.compute_loss(batch, self.make_generator(*step.step_keys(self.global_step, batch, batch_idx)))
         bad = ~torch.isfinite(out.loss.detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         if "n_skipped" in batch:
@@ -322,6 +315,7 @@ class DiffusionEngine(pl.LightningModule):
         """Samples (EMA weights when kept), inputs and VAE reconstructions of the first n clips, in [-1, 1]."""
         batch = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in batch.items()}
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        batch = step.add_condition_frames(batch, gen)
         z = self.latents_of(batch, gen)
         c, uc = self.get_conditioning(batch)
         indices = (self.fixed_cond_frames or [[0]])[0] if self.replace_cond_frames else []
