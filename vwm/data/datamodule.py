@@ -12,18 +12,19 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS, MODALITIES
 from vwm.config import REFERENCE_SUBSETS, locate
 from vwm.data.base import BrokenSampleError, Clip
-from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID, finalize_batch
+from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID, ClipCollator, finalize_batch
+from vwm.data.stream import ClipSampler, ResumableDataLoader
 from vwm.data.video import check_target_size
 from vwm.defaults import NUM_FRAMES, TRAIN_HEIGHT, TRAIN_WIDTH
 
@@ -200,115 +201,6 @@ class MultiSourceClips(Dataset):
             f"{self.max_consecutive_failures} consecutive broken samples while drawing epoch {epoch} "
             f"position {position} (max_consecutive_failures); {self._rate()}; examples: "
             f"{'; '.join(self._examples)}. Check data_root / anno_file of the subsets")
-
-
-class ClipCollator:
-    """Stack dataset items into the batch contract (frames left uint8 unless `convert`); items from a latent
-    cache give `latent_moments` (B,T,2C,h,w) and the condition frame instead of `img_seq`."""
-
-    def __init__(self, *, convert: bool, cond_aug: float, fps_id: int, motion_bucket_id: int):
-        self.convert = convert
-        self.cond_aug = cond_aug
-        self.fps_id = fps_id
-        self.motion_bucket_id = motion_bucket_id
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        size = len(items)
-        if "moments" in items[0]:
-            batch: dict[str, torch.Tensor] = {
-                "latent_moments": torch.stack([it["moments"] for it in items]),
-                "cond_frames_without_noise": torch.stack([it["frames"][0] for it in items])}
-        else:
-            batch = {"img_seq": torch.stack([it["frames"] for it in items])}
-        mask = torch.zeros(size, len(ACTION_KEYS), dtype=torch.bool)
-        for i, key in enumerate(ACTION_KEYS):
-            values = torch.zeros(size, ACTION_FEATURES[key], dtype=torch.float32)
-            for b, item in enumerate(items):
-                if key in item["actions"]:
-                    values[b] = item["actions"][key]
-                    mask[b, i] = True
-            batch[key] = values
-        batch["action_mask"] = mask
-        batch["n_skipped"] = torch.tensor([it["n_skipped"] for it in items], dtype=torch.long)
-        batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
-        batch["cond_aug"] = torch.full((size,), self.cond_aug, dtype=torch.float32)
-        batch["fps_id"] = torch.full((size,), float(self.fps_id), dtype=torch.float32)
-        batch["motion_bucket_id"] = torch.full((size,), float(self.motion_bucket_id), dtype=torch.float32)
-        return finalize_batch(batch) if self.convert else batch
-
-
-class ClipSampler(DistributedSampler):
-    """Per-rank stream of (epoch, position) keys. A cursor (epoch, position) says how many stream positions of the
-    epoch all ranks together consumed; from it rank r takes positions position + k * world_size + r, padded to
-    whole batches (every rank runs the same number of steps). The cursor is the same for any world size, so a run
-    resumed on another number of processes continues the stream where it stopped. An iteration runs to the end of
-    that epoch. With `consumption_tracked` (a trainer marks the batches its steps receive) only that moves the
-    cursor: DataLoader workers draw indices ahead, and an epoch the trainer ends early (its batch count restored
-    from a run on more ranks, `limit_train_batches`) must not be skipped because its last indices were drawn.
-    Otherwise drawing an epoch to its end moves the cursor to the next one. A DistributedSampler subclass so
-    Lightning keeps it instead of wrapping it in its own."""
-
-    def __init__(self, dataset: MultiSourceClips, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 start_epoch: int = 0, start_position: int = 0, consumption_tracked: bool = False):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        self.batch_size = batch_size
-        self.batches_per_epoch = math.ceil(self.num_samples / batch_size)
-        self.num_samples = self.batches_per_epoch * batch_size
-        self.total_size = self.num_samples * world_size
-        self.consumption_tracked = consumption_tracked
-        self.set_start(start_epoch, start_position)
-
-    def set_start(self, epoch: int, position: int) -> None:
-        """Move the cursor: the next iteration starts at stream position `position` of `epoch` (a position at or
-        past the epoch's end is the start of the next epoch)."""
-        if position >= len(self.dataset):
-            epoch, position = epoch + 1, 0
-        self.start_epoch, self.start_position, self.epoch = epoch, position, epoch
-
-    def remaining(self) -> int:
-        """Samples this rank draws from the cursor to the end of its epoch (whole batches)."""
-        left = math.ceil((len(self.dataset) - self.start_position) / self.num_replicas)
-        return math.ceil(left / self.batch_size) * self.batch_size
-
-    def mark_consumed(self, epoch: int, position: int) -> None:
-        """Move the cursor after the batch whose last sample on this rank is (epoch, position): every rank
-        consumed the stream up to that sample's row of `world_size` positions."""
-        self.set_start(epoch, position - self.rank + self.num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Ignored: the cursor, not the trainer's epoch counter, fixes which data comes next, so a resumed run
-        continues the same stream even where the trainer counts epochs differently after a restore."""
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, start = self.start_epoch, self.start_position
-        for k in range(self.remaining()):
-            yield epoch, start + k * self.num_replicas + self.rank
-        if not self.consumption_tracked:
-            self.set_start(epoch + 1, 0)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning treats as resumable: its state is the data position, restored into the
-    ClipSampler before the first batch is drawn (this also silences Lightning's mid-epoch resume warning)."""
-
-    def __init__(self, *args: Any, position_fn: Callable[[], tuple[int, int]], **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.position_fn = position_fn
-
-    def state_dict(self) -> dict[str, int]:
-        """The (epoch, stream positions consumed) data position reported by the DataModule."""
-        epoch, position = self.position_fn()
-        return {"epoch": epoch, "position": position}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Start the sampler at a saved position. A state written before the cursor counted stream positions
-        ({epoch, batches_consumed}) is left to the DataModule's own state, which Lightning restores first and
-        which knows the world size it was saved with."""
-        if "position" in state_dict:
-            self.sampler.set_start(state_dict["epoch"], state_dict["position"])
 
 
 def _worker_init(worker_id: int) -> None:

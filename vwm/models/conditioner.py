@@ -71,7 +71,7 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
     the reference (token embedding, ln_final, text_projection and logit_scale stay in the state dict).
     Weights come from the checkpoint that loads the whole model, or from the local file `weights`
     (safetensors or an open_clip checkpoint). The reference's `version`
-    (pretrained tag) is dropped by vwm.config.PARAM_ALIASES.
+    (pretrained tag) is dropped by vwm.aliases.PARAM_ALIASES.
     """
 
     def __init__(
