@@ -31,11 +31,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vwm.actions import ACTION_KEYS  # noqa: E402
 from vwm.config import build_model, instantiate, load_config  # noqa: E402
 from vwm.data.toyworld import ToyWorldSubset, lateral_motion, render_rollout, steering_plan  # noqa: E402
+from vwm.eval.psnr import psnr_per_frame  # noqa: E402
+from vwm.media import to_uint8_frames  # noqa: E402
 from vwm.rollout import (Placement, RolloutSettings, action_batch, normalise_actions, rollout,  # noqa: E402
                          sample_generator)
 
@@ -91,27 +94,55 @@ def action_use(engine, batch: dict, sigmas: list[float]) -> dict:
 
 @torch.no_grad()
 def steering_test(engine, cfg, indices: list[int], settings: RolloutSettings, speed: float, steer_deg: float,
-                  prepared: bool = False) -> dict:
-    """The demo's measure on EMA rollouts from the held-out TOY start frames of sample.py (seed 1).
-    `prepared`: the engine already holds the weights to sample (an export) and may be changed in place."""
+                  prepared: bool = False, ema: bool = True, save: str | None = None) -> dict:
+    """The demo's measures on EMA rollouts (the live weights with ema=False) from the held-out TOY start frames
+    of sample.py (seed 1): lateral motion and its sign test, PSNR against the true future. `prepared`: the engine
+    already holds the weights to sample (an export) and may be changed in place. `save`: an .npz path for the
+    generated frames (uint8 (N, T, 3, H, W) per direction). With OpenCV installed, also the action-following
+    score of the rollouts (heading error against the commanded trajectory, as scripts/demo.py reports it)."""
     if not prepared:
-        with engine.model_ema.scope(engine.model) if engine.use_ema else contextlib.nullcontext():
+        use_ema = ema and engine.use_ema
+        with engine.model_ema.scope(engine.model) if use_ema else contextlib.nullcontext():
             engine = copy.deepcopy(engine)  # Placement prepares the model for inference in place
     t = engine.num_frames
     h, w = cfg.data.params.target_height, cfg.data.params.target_width
     subset = ToyWorldSubset(t, h, w, length=max(indices) + 1, seed=1)
     frames = torch.stack([subset.load_clip(i).frames[:1] for i in indices]).float() / 127.5 - 1.0
     placement = Placement(engine, engine.device)
-    result = {}
+    result, psnr, saved, scores = {}, [], {}, []
+    try:  # the action-following score (vwm.eval.action_score) tracks points with OpenCV
+        from vwm.eval.action_score import agreement, score_clip
+        from vwm.eval.action_validation import toy_intrinsics
+        camera = toy_intrinsics(h, w)
+    except ImportError:
+        camera = None
     for name, sign in (("left", 1.0), ("right", -1.0)):
         plan = normalise_actions(steering_plan(speed, sign * steer_deg, seed=1, height=h, width=w,
                                                num_frames=t, start_index=indices[0]))
         video = rollout(engine, frames, [action_batch([plan] * len(indices))],
                         [sample_generator(0, i) for i in indices], settings, placement).video
-        truth = [render_rollout([speed] * t, [sign * steer_deg] * t, seed=1, height=h, width=w,
-                                start_index=i, num_frames=t).frames for i in indices]
+        clips = [render_rollout([speed] * t, [sign * steer_deg] * t, seed=1, height=h, width=w,
+                                start_index=i, num_frames=t) for i in indices]
+        truth = [c.frames for c in clips]
         result[name] = [round(lateral_motion(v), 4) for v in video]
         result[name + "_truth"] = [round(lateral_motion(f), 4) for f in truth]
+        # the demo's fidelity measure: PSNR of frames 1.. against the true future (frame 0 is the given frame)
+        generated = np.stack([to_uint8_frames(v.cpu()).transpose(0, 3, 1, 2) for v in video])
+        real = np.stack([f.numpy() for f in truth])
+        psnr += [psnr_per_frame(g[1:], r[1:]) for g, r in zip(generated, real)]
+        saved[name] = generated
+        if camera is not None:
+            scores += [score_clip(g, c.actions["trajectory"].numpy(), camera)
+                       for g, c in zip(generated, clips)]
+    psnr_frames = np.mean(psnr, axis=0)
+    result["psnr_db_per_frame"] = [round(float(v), 2) for v in psnr_frames]
+    result["psnr_db_mean"] = round(float(psnr_frames.mean()), 3)
+    if scores:
+        following = agreement(scores)
+        result["action_following"] = {k: following[k] for k in ("heading_error_deg", "final_heading_slope",
+                                                                  "turn_direction_accuracy")}
+    if save is not None:
+        np.savez_compressed(save, indices=np.array(indices), **saved)
     left, right = result["left"], result["right"]
     agree = sum(a > b for a, b in zip(left, right))
     result["left_gt_right"] = f"{agree}/{len(left)}"
@@ -133,15 +164,42 @@ def evaluate_export(args) -> int:
     variants = args.sampling or [":".join(str(v) for v in (args.n_steps, args.cfg_scale, args.sigma_min,
                                                              args.sigma_max))]
     for variant in variants:
-        n_steps, cfg_scale, sigma_min, sigma_max = variant.split(":")
-        settings = RolloutSettings(n_steps=int(n_steps), cfg_scale=float(cfg_scale),
-                                   sigma_min=float(sigma_min), sigma_max=float(sigma_max))
+        settings = parse_sampling(variant)
         engine = load_model(opts, cfg).to(args.device)
         t0 = time.perf_counter()
         row = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG, prepared=True)
         print(json.dumps({"tag": args.tag, "ckpt": args.ckpt, "device": args.device,
                           "seconds": round(time.perf_counter() - t0, 1), "steering": row}), flush=True)
     return 0
+
+
+def parse_sampling(variant: str) -> RolloutSettings:
+    """"n_steps:cfg_scale:sigma_min:sigma_max" -> RolloutSettings."""
+    n_steps, cfg_scale, sigma_min, sigma_max = variant.split(":")
+    return RolloutSettings(n_steps=int(n_steps), cfg_scale=float(cfg_scale), sigma_min=float(sigma_min),
+                           sigma_max=float(sigma_max))
+
+
+def final_variants(engine, cfg, args, common: dict, force: bool = False) -> None:
+    """After training (or on a --load_model state): the rollout test under each --sampling variant, with the EMA
+    and/or the live weights (--weights); one JSON line each, frames saved under --save_frames."""
+    if not args.sampling and args.weights == "ema" and not force:
+        return
+    for weights in ("ema", "live") if args.weights == "both" else (args.weights,):
+        for variant in args.sampling or [None]:
+            settings = parse_sampling(variant) if variant else RolloutSettings(
+                n_steps=args.n_steps, cfg_scale=args.cfg_scale, sigma_min=args.sigma_min,
+                sigma_max=args.sigma_max)
+            save = None
+            if args.save_frames:
+                os.makedirs(args.save_frames, exist_ok=True)
+                label = variant.replace(":", "_") if variant else "default"
+                save = os.path.join(args.save_frames, f"{args.tag or 'probe'}_{weights}_{label}.npz")
+            t0 = time.perf_counter()
+            row = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG,
+                                ema=weights == "ema", save=save)
+            print(json.dumps({**common, "step": args.steps, "weights": weights, "variant": variant,
+                              "seconds": round(time.perf_counter() - t0, 1), "steering": row}), flush=True)
 
 
 def main() -> int:
@@ -159,7 +217,17 @@ def main() -> int:
     p.add_argument("--sigma_max", type=float, default=SAMPLING["sigma_max"], help="rollout test: first sigma")
     p.add_argument("--ckpt", default=None, help="evaluate this export (bin_to_st.py) instead of training")
     p.add_argument("--sampling", nargs="+", default=None, metavar="STEPS:CFG:SIGMA_MIN:SIGMA_MAX",
-                   help="--ckpt: sampler variants to test (default: the flags above)")
+                   help="sampler variants to test on the export (--ckpt) or after training (default: the "
+                        "flags above)")
+    p.add_argument("--weights", choices=("ema", "live", "both"), default="ema",
+                   help="after training: rollouts of the EMA weights, the live ones or both")
+    p.add_argument("--save_model", default=None, metavar="PATH",
+                   help="after training: save the model's state (live and EMA weights) to PATH (torch.save)")
+    p.add_argument("--load_model", default=None, metavar="PATH",
+                   help="train nothing: load a --save_model state into the config (same overrides) and run the "
+                        "rollout test of each --sampling variant")
+    p.add_argument("--save_frames", default=None, metavar="DIR",
+                   help="after training: save the generated and true frames of each final variant (.npz)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -173,6 +241,11 @@ def main() -> int:
                                sigma_max=args.sigma_max)
     cfg = load_config([args.config], args.overrides)
     engine = build_model(cfg).to(dev)
+    common = {"tag": args.tag, "overrides": args.overrides, "device": str(dev)}
+    if args.load_model:
+        engine.load_state_dict(torch.load(args.load_model, map_location=dev)["state_dict"])
+        final_variants(engine, cfg, args, common, force=True)
+        return 0
     engine.train()
     engine.learning_rate = float(cfg.model.get("base_learning_rate", 1e-4))  # as train.py without --scale_lr
     opt = engine.configure_optimizers()
@@ -185,7 +258,6 @@ def main() -> int:
     held_out = to_device(eval_batch(cfg, 16, seed=1), dev)
     clip = float(cfg.get("lightning", {}).get("trainer", {}).get("gradient_clip_val") or 0.0)
     params = [q for g in opt.param_groups for q in g["params"]]
-    common = {"tag": args.tag, "overrides": args.overrides, "device": str(dev)}
 
     step, losses, t0 = 0, [], time.perf_counter()
     while step < args.steps:
@@ -211,6 +283,11 @@ def main() -> int:
                 if args.steer_every_eval or step == args.steps:
                     row["steering"] = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG)
                 print(json.dumps(row), flush=True)
+                if step == args.steps:
+                    if args.save_model:
+                        torch.save({"state_dict": engine.state_dict(), "overrides": args.overrides,
+                                    "steps": step}, args.save_model)
+                    final_variants(engine, cfg, args, common)
             if step == args.steps:
                 break
     return 0

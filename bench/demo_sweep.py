@@ -23,14 +23,23 @@ VECTOR = [*(f"{EMB}.{i}.params.add_sequence_dim=False" for i in ACTION_EMBEDDERS
           f"{NET}.adm_in_channels={768 + 128 * ACTION_FEATURES}", f"{NET}.action_control=False"]
 """Actions as vector conditioning (added to the timestep embedding of every res block) instead of cross-attention."""
 SIGMA = "model.params.loss_fn_config.params.sigma_sampler_config.params"
+DENOISER = "model.params.denoiser_config.params.scaling_config"
 
 
 def lr(value: float) -> list[str]:
     return [f"model.base_learning_rate={value}"]
 
 
-def sigma(p_mean: float, p_std: float) -> list[str]:
-    return [f"{SIGMA}.p_mean={p_mean}", f"{SIGMA}.p_std={p_std}"]
+def sigma(p_mean: float, p_std: float, *mixture: tuple[float, float, float]) -> list[str]:
+    """ln sigma ~ N(p_mean, p_std^2), or a mixture with further (p_mean, p_std, probability) components."""
+    extra = ",".join(f"[{m},{s},{w}]" for m, s, w in mixture)
+    return [f"{SIGMA}.p_mean={p_mean}", f"{SIGMA}.p_std={p_std}", f"{SIGMA}.mixture=[{extra}]"]
+
+
+def edm_scaling(sigma_data: float) -> list[str]:
+    """EDM preconditioning with data std sigma_data instead of v-prediction (which is EDM's with 1): the skip path
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2) carries less of the noisy input into the denoised estimate."""
+    return [f"{DENOISER}.target=vwm.diffusion.denoiser.EDMScaling", f"{DENOISER}.params.sigma_data={sigma_data}"]
 
 
 def channels(n: int) -> list[str]:
@@ -46,6 +55,10 @@ STEER150 = ["data.params.subsets.0.params.explore_steering_deg=150"]
 SIMPLE = ["data.params.subsets.0.params.texture=0.0", "data.params.subsets.0.params.max_vehicles=0"]
 NO_DYN = ["model.params.loss_fn_config.params.use_additional_loss=False"]
 ATTN12 = [f"{NET}.attention_resolutions=[1,2]"]
+MIX_LO30 = sigma(1.5, 1.0, (-1.0, 1.0, 0.3))
+LR_DECAY = ["model.params.scheduler_config.params.cycle_lengths=[1100]",
+            "model.params.scheduler_config.params.f_min=[0.1]"]
+"""The learning rate falls linearly to 0.1x over the demo's 1100 CPU steps (after the warm-up)."""
 
 VARIANTS: dict[str, list[str]] = {
     "demo": [],
@@ -68,6 +81,17 @@ VARIANTS: dict[str, list[str]] = {
     "c32_higher_lr2e-3_steer150": C32 + HIGHER + lr(2e-3) + STEER150,
     "c32_higher_lr2e-3_nodyn": C32 + HIGHER + lr(2e-3) + NO_DYN,
     "c32_higher_lr2e-3_attn12": C32 + HIGHER + lr(2e-3) + ATTN12,
+    # sharper frames (issue #15 item 5): part of the training steps at low noise, where the fine detail is resolved,
+    # and / or a decaying learning rate; all at the demo's width and learning rate
+    "c32_mix_lo15": C32 + sigma(1.5, 1.0, (-1.0, 1.0, 0.15)) + lr(1e-3),
+    "c32_mix_lo30": C32 + MIX_LO30 + lr(1e-3),
+    "c32_mix_lo50": C32 + sigma(1.5, 1.0, (-1.0, 1.0, 0.5)) + lr(1e-3),
+    "c32_mix_vlo30": C32 + sigma(1.5, 1.0, (-2.0, 1.0, 0.3)) + lr(1e-3),
+    "c32_mix_mid30": C32 + sigma(1.5, 1.0, (-0.5, 1.2, 0.3)) + lr(1e-3),
+    "c32_higher_lr1e-3_decay": C32 + HIGHER + lr(1e-3) + LR_DECAY,
+    "c32_mix_lo30_decay": C32 + MIX_LO30 + lr(1e-3) + LR_DECAY,
+    "c32_higher_lr1e-3_edm0.5": C32 + HIGHER + lr(1e-3) + edm_scaling(0.5),
+    "c32_higher_lr1e-3_edm0.25": C32 + HIGHER + lr(1e-3) + edm_scaling(0.25),
 }
 
 
@@ -89,17 +113,21 @@ def main() -> int:
     t0 = time.time()
     procs = []
     for name in names:
-        log = open(f"{args.out}.{name}.log", "w")
+        # each variant's JSON lines go to their own file as they come: a run cut short keeps what it measured
+        log, rows = open(f"{args.out}.{name}.log", "w"), open(f"{args.out}.{name}.jsonl", "w")
         cmd = [sys.executable, os.path.join(REPO, "bench", "demo_probe.py"), "--steps", str(args.steps),
                "--eval_every", str(args.eval_every), "--steer_every_eval", "--tag", name,
                "--indices", *map(str, args.indices), *shlex.split(args.probe_args),
                "--", *VARIANTS[name], *args.extra]
-        procs.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env), log))
+        procs.append((name, subprocess.Popen(cmd, stdout=rows, stderr=log, text=True, env=env), log, rows))
     with open(args.out, "w") as out:
-        for name, proc, log in procs:
-            text, _ = proc.communicate()
-            out.write(text)
+        for name, proc, log, rows in procs:
+            proc.wait()
             log.close()
+            rows.close()
+            with open(rows.name) as f:
+                text = f.read()
+            out.write(text)
             print(f"{name}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
             print(text, end="", flush=True)
     return 0

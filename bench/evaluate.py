@@ -59,11 +59,16 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--low_vram", action="store_true")
     p.add_argument("--compile", action="store_true", help="compile the UNet's layers (evaluate.py's CUDA default)")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help="default: the protocol's (FID, FVD, action score); e.g. `fid fvd` on a host without "
+                        "OpenCV, whose action score then runs on the CPU host that scores the clips")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
     protocol = PRESETS["vista"].replace(height=args.height, width=args.width, n_steps=args.steps,
                                         cfg_scale=args.cfg_scale, fvd_frames=tuple(args.fvd_frames))
+    if args.metrics:
+        protocol = protocol.replace(metrics=tuple(args.metrics))
     protocol.validate(args.frames)
     model = build_model(load_config(args.config, args.overrides), device=device)
     if model.num_frames != args.frames:
@@ -121,7 +126,8 @@ def main() -> None:
         "projected_hours_5369_clips_1_device": round(VISTA_VAL_CLIPS * with_real / 3600, 2),
         "projected_hours_5369_clips_8_devices": round(VISTA_VAL_CLIPS * with_real / 3600 / 8, 2),
         "peak_gib": round(peak, 2) if peak is not None else None,
-        "protocol": {"n_steps": args.steps, "cfg_scale": args.cfg_scale, "fvd_frames": args.fvd_frames},
+        "protocol": {"n_steps": args.steps, "cfg_scale": args.cfg_scale, "fvd_frames": args.fvd_frames,
+                     "metrics": list(protocol.metrics)},
     }), flush=True)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import sys
@@ -47,15 +48,17 @@ def _peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace) -> dict:
-    """Build the model on the device, warm up (compiling, in mode `compiled`), time one rollout; the result line
-    of this mode."""
+def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
+               reference: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """Build the model on the device, warm up (compiling, in modes `compiled` and `fp8`), time one rollout; the
+    result line of this mode (with its PSNR against `reference`, the first mode's video) and the video."""
     low_vram = mode == "low_vram"
     model = build_model(cfg, device=device)
     if model.num_frames != args.frames:
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
                          "num_frames)")
-    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode == "compiled")
+    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode in ("compiled", "fp8"),
+                             fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None)
     frames = _start_frame(args.height, args.width)
     actions = [ro.action_batch([ro.normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
     settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
@@ -80,12 +83,22 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace) -
         "decode_chunk": placement.decode_chunk(settings),
         "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
         "finite": bool(torch.isfinite(result.video).all()), "torch": torch.__version__,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
+    if reference is not None:  # the same rollout (seed, actions) of the first mode: what this mode changes
+        line["psnr_vs_first_mode_db"] = round(_psnr(result.video, reference), 2)
+    video = result.video.cpu()
     del model, placement, result
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return line
+    return line, video
+
+
+def _psnr(video: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((video.float().cpu() - reference.float().cpu()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
 def main() -> None:
@@ -99,16 +112,24 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--cfg_scale", type=float, default=2.5)
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    parser.add_argument("--modes", nargs="+", choices=["normal", "compiled", "low_vram"],
+    parser.add_argument("--modes", nargs="+", choices=["normal", "compiled", "fp8", "low_vram"],
                         default=["normal", "compiled", "low_vram"],
                         help="normal: eager, all on the GPU; compiled: normal with the UNet layers compiled "
-                             "(warmup_s includes the compilation); low_vram: one module on the GPU at a time")
+                             "(warmup_s includes the compilation); fp8: compiled with FP8 linear layers "
+                             "(sample.py --fp8); low_vram: one module on the GPU at a time. Every mode after "
+                             "the first reports its PSNR against the first mode's rollout")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cudnn_benchmark", choices=["on", "off"], default="off",
+                        help="torch.backends.cudnn.benchmark: time the convolution algorithms for the fixed shapes")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     device = torch.device(args.device)
     cfg = load_config(args.config)
+    reference = None
     for mode in args.modes:
-        print(json.dumps(bench_mode(cfg, device, mode, args)), flush=True)
+        line, video = bench_mode(cfg, device, mode, args, reference)
+        reference = video if reference is None else reference
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

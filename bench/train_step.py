@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS  # noqa: E402
 from vwm.config import build_model, load_config, to_container  # noqa: E402
+from vwm.training.activation_plan import apply_activation_plan  # noqa: E402
 from vwm.training.flops import GIB, unet_forward_flops  # noqa: E402
 from vwm.training.strategy import build_strategy  # noqa: E402
 
@@ -191,7 +192,8 @@ def main() -> None:
     p.add_argument("--latents", action="store_true", help="precomputed latents (no online VAE encode)")
     p.add_argument("--strategy", default="deepspeed_stage_2")
     p.add_argument("--precision", default="bf16-mixed")
-    p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config")
+    p.add_argument("--checkpointing", choices=["config", "on", "off", "auto"], default="config",
+                   help="activation checkpointing: the config's, every layer, none, or planned for the GPU's memory")
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--accelerator", default="gpu", help="cpu only to smoke-test the script on a tiny config")
     p.add_argument("--profile", metavar="FILE", help="write a profiler table of the first step after warm-up")
@@ -203,7 +205,10 @@ def main() -> None:
 
     overrides = list(args.overrides)
     if args.checkpointing != "config":
-        overrides.append(f"model.params.network_config.params.use_checkpoint={args.checkpointing == 'on'}")
+        value = "auto" if args.checkpointing == "auto" else args.checkpointing == "on"
+        overrides.append(f"model.params.network_config.params.use_checkpoint={value}")
+    overrides += [f"data.params.target_height={args.height}", f"data.params.target_width={args.width}",
+                  f"data.params.batch_size={args.batch}"]  # what the activation plan is made for
     cfg = load_config(args.config, overrides)
     frames = args.frames or int(cfg.model.params.num_frames)
     network = to_container(cfg.model.params.network_config)
@@ -217,6 +222,8 @@ def main() -> None:
 
         unet.temporal_conv = ae.temporal_conv = conv3d
     model = build_model(cfg, device="cuda" if args.accelerator == "gpu" else None)
+    plan = apply_activation_plan(model, cfg, world_size=1, precision=args.precision,
+                                 device=torch.device("cuda") if args.accelerator == "gpu" else None)
     model.learning_rate = float(cfg.model.get("base_learning_rate", 1e-5))
     lightning = to_container(cfg.get("lightning")) or {}
     strategy = build_strategy(args.strategy, lightning)
@@ -245,7 +252,9 @@ def main() -> None:
     print(json.dumps({
         "config": os.path.relpath(args.config), "resolution": f"{frames}x{args.height}x{args.width}",
         "batch": args.batch, "latents": args.latents, "strategy": args.strategy, "precision": args.precision,
-        "checkpointing": bool(network["params"].get("use_checkpoint")),
+        "checkpointing": network["params"].get("use_checkpoint"),
+        "stored_layers": None if plan is None else f"{len(plan.stored)}/{plan.layers}",
+        "recompute_share": None if plan is None else round(plan.recompute_flops / plan.forward_flops, 3),
         "step_s_median": round(median, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
         "clips_per_s": round(args.batch / median, 3), "unet_fwd_tflop_per_clip": round(fwd / 1e12, 2),
         "model_tflop_per_step": round(step_tflop, 1), "mfu": round(step_tflop / median / args.peak_tflops, 4),

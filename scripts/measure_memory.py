@@ -52,7 +52,8 @@ def measure(args: argparse.Namespace) -> dict:
                  f"data.params.target_height={args.height}", f"data.params.target_width={args.width}",
                  f"data.params.batch_size={args.batch}"]
     if args.checkpointing != "config":
-        overrides.append(f"model.params.network_config.params.use_checkpoint={args.checkpointing == 'on'}")
+        value = "auto" if args.checkpointing == "auto" else args.checkpointing == "on"
+        overrides.append(f"model.params.network_config.params.use_checkpoint={value}")
     cfg = load_config(args.config, overrides)
     frames = int(cfg.model.params.num_frames)
 
@@ -110,6 +111,9 @@ def measure(args: argparse.Namespace) -> dict:
             self.rows.append(self._row)
 
     model = build_model(cfg, device="cuda")
+    from vwm.training.activation_plan import apply_activation_plan, device_budget_gib
+
+    plan = apply_activation_plan(model, cfg, world_size=1, precision="bf16-mixed", device=torch.device("cuda"))
     model.learning_rate = float(cfg.model.get("base_learning_rate", 1e-5))
     _, trainable, frozen, ema = parameter_table(model)
     lightning = to_container(cfg.get("lightning")) or {}
@@ -128,10 +132,12 @@ def measure(args: argparse.Namespace) -> dict:
     except ImportError:  # before the calibrated estimate existed
         estimate_gib = None
     else:
-        estimate_gib = round(estimate_for_config(cfg, world_size=1, precision="bf16-mixed").total / GIB, 2)
+        estimate_gib = round(estimate_for_config(cfg, world_size=1, precision="bf16-mixed",
+                                                 budget_gib=device_budget_gib(torch.device("cuda"))).total / GIB, 2)
     return {
         "config": args.config, "resolution": f"{frames}x{args.height}x{args.width}", "batch": args.batch,
-        "checkpointing": bool(cfg.model.params.network_config.params.get("use_checkpoint")),
+        "checkpointing": cfg.model.params.network_config.params.get("use_checkpoint"),
+        "stored_layers": None if plan is None else f"{len(plan.stored)}/{plan.layers}",
         "latents": args.latents, "compile": args.compile,
         "trainable_M": round(trainable / 1e6, 1), "frozen_M": round(frozen / 1e6, 1), "ema_M": round(ema / 1e6, 1),
         "steady_gib": round(worst["steady_gib"], 2), "fwd_bwd_peak_gib": round(worst["fwd_bwd_peak_gib"], 2),
@@ -151,7 +157,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--latents", action="store_true", help="precomputed latents (no online VAE encode)")
-    p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config")
+    p.add_argument("--checkpointing", choices=["config", "on", "off", "auto"], default="config")
     p.add_argument("--compile", action="store_true", help="compile_model=True (default: eager)")
     p.add_argument("--all", action="store_true", help="measure the calibration set, one subprocess each")
     p.add_argument("overrides", nargs="*", help="a.b=c config overrides")

@@ -169,6 +169,33 @@ def test_edm_sampling_log_normal_statistics_and_seeding():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_edm_sampling_mixture_draws_each_component_with_its_probability():
+    sampler = EDMSampling(p_mean=1.5, p_std=0.3, mixture=[[-1.0, 0.4, 0.3]])
+    log_sigma = sampler(200_000, generator=torch.Generator().manual_seed(0)).log()
+    low = log_sigma < 0.4  # over 3.5 standard deviations from both means
+    assert abs(low.float().mean().item() - 0.3) < 0.01
+    assert abs(log_sigma[~low].mean().item() - 1.5) < 0.01 and abs(log_sigma[~low].std().item() - 0.3) < 0.01
+    assert abs(log_sigma[low].mean().item() + 1.0) < 0.01 and abs(log_sigma[low].std().item() - 0.4) < 0.01
+    a = sampler(8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, sampler(8, generator=torch.Generator().manual_seed(3)))
+    # no mixture (or an empty one) draws exactly as before: the same sigmas and the same generator state after
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain, empty = EDMSampling(1.5, 1.0), EDMSampling(1.5, 1.0, mixture=[])
+    assert torch.equal(plain(8, generator=g1), empty(8, generator=g2))
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
+    only_low = EDMSampling(1.5, 1.0, mixture=[[-1.0, 0.5, 1.0]])  # the main component keeps probability 0
+    assert only_low(1000, generator=torch.Generator().manual_seed(0)).log().max().item() < 1.5
+
+
+def test_edm_sampling_mixture_rejects_bad_components():
+    with pytest.raises(ValueError, match=r"\[p_mean, p_std > 0, probability >= 0\], got \[0.0, 0.0, 0.5\]"):
+        EDMSampling(1.0, 1.0, mixture=[[0.0, 0.0, 0.5]])
+    with pytest.raises(ValueError, match="got \\[0.0, 1.0\\]"):
+        EDMSampling(1.0, 1.0, mixture=[[0.0, 1.0]])
+    with pytest.raises(ValueError, match="sum to 1.2, more than 1"):
+        EDMSampling(1.0, 1.0, mixture=[[0.0, 1.0, 0.6], [-1.0, 1.0, 0.6]])
+
+
 # --- loss weightings -------------------------------------------------------------------------------
 
 

@@ -70,3 +70,94 @@ def test_advice_names_what_helps_not_just_more_gpus():
     assert "more GPUs" not in advice  # 8 ranks already: the sharded part is small, activations dominate
     sharded = estimate_memory(trainable=5 * 10**9, frozen=0, ema_params=0, world_size=1, activations=GIB)
     assert "more GPUs: ZeRO-2 divides" in "\n".join(sharded.advice(80.0))
+
+
+# ------------------------------------------------------------------------ use_checkpoint: auto (issue #13)
+
+
+def test_choose_stored_layers_fills_the_room_by_flops_per_byte():
+    """The plan stores the layers with the most recomputation saved per byte first, skips one that does not fit
+    and takes a smaller one after it, and its peak moves linearly between the two measured ends."""
+    from vwm.training.flops import choose_stored_layers
+
+    saved = {"a": 100, "b": 100, "c": 400, "d": 50}
+    flops = {"a": 1000.0, "b": 100.0, "c": 8000.0, "d": 50.0}  # per byte: c 20, a 10, b 1, d 1
+    # checkpointed end 10, full end 10 + 650 (1 byte of peak per saved byte)
+    assert choose_stored_layers(saved, flops, 10, 660, room=10) == (frozenset(), 10)
+    assert choose_stored_layers(saved, flops, 10, 660, room=660) == (frozenset(saved), 660)
+    assert choose_stored_layers(saved, flops, 10, 660, room=515) == (frozenset({"c", "a"}), 510)
+    # "b" (100) no longer fits after c and a at room 565, "d" (50) does
+    assert choose_stored_layers(saved, flops, 10, 660, room=565) == (frozenset({"c", "a", "d"}), 560)
+    # twice the bytes of peak per saved byte
+    assert choose_stored_layers(saved, flops, 10, 1310, room=1010) == (frozenset({"c", "a"}), 1010)
+
+
+def _tiny_auto(budget_gib=None):
+    overrides = ["model.params.network_config.params.use_checkpoint=auto"]
+    if budget_gib is not None:
+        overrides.append(f"model.params.network_config.params.checkpoint_budget_gib={budget_gib}")
+    return load_config(os.path.join(REPO, "configs", "tiny", "train.yaml"), overrides)
+
+
+@pytest.mark.parametrize("budget, stored", [(0.001, "none"), (0.336, "some"), (10.0, "all")])
+def test_auto_plan_follows_the_budget(budget, stored):
+    """The tiny model holds ~0.327 GiB between steps (0.25 of it workspace allowance) and ~20 MB of activations
+    without checkpointing: a budget below the checkpointed peak stores nothing, one in between some layers, a large
+    one every layer; the forward/backward phase of the estimate (the only one the plan changes) stays within the
+    budget whenever anything is stored."""
+    est = estimate_for_config(_tiny_auto(budget), world_size=1)
+    plan = est.plan
+    assert plan is not None and plan.layers > 0
+    n = len(plan.stored)
+    assert {"none": n == 0, "some": 0 < n < plan.layers, "all": n == plan.layers}[stored], plan.describe()
+    if n:
+        assert est.steady + est.gradients + est.activations <= budget * GIB
+    assert 0 <= plan.recompute_flops <= plan.forward_flops
+    assert (plan.recompute_flops == 0) == (n == plan.layers)
+
+
+def test_apply_plan_sets_layers_and_keeps_the_gradients():
+    """apply_activation_plan checkpoints exactly the layers the plan does not store (none without a GPU or a
+    budget), and a partly checkpointed model computes the same loss and gradients as a fully checkpointed one."""
+    import torch
+
+    from vwm.config import build_model
+    from vwm.models.video_unet import VideoLayer
+    from vwm.training.activation_plan import apply_activation_plan
+
+    def layers(engine):
+        return {n: m.use_checkpoint for n, m in engine.model.diffusion_model.named_modules()
+                if isinstance(m, VideoLayer)}
+
+    cfg = _tiny_auto()
+    torch.manual_seed(0)
+    engine = build_model(cfg)
+    with torch.no_grad():  # zero-initialised output layers would leave most gradients zero
+        for p in engine.model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.02)
+    assert apply_activation_plan(engine, cfg, world_size=1, precision="bf16-mixed", device=None) is None
+    assert all(layers(engine).values()), "auto without a budget or a GPU must checkpoint every layer"
+
+    cfg = _tiny_auto(0.336)
+    partial = build_model(cfg)
+    partial.load_state_dict(engine.state_dict())
+    plan = apply_activation_plan(partial, cfg, world_size=1, precision="bf16-mixed", device=None)
+    flags = layers(partial)
+    assert plan is not None and {n for n, on in flags.items() if not on} == set(plan.stored)
+    assert 0 < len(plan.stored) < len(flags)
+
+    from helpers import make_batch  # noqa: PLC0415 - the tiny model's batch
+
+    batch = make_batch()
+    results = []
+    for model in (engine, partial):
+        model.train()
+        loss = model.compute_loss(batch, torch.Generator().manual_seed(5)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.model.named_parameters()
+                                        if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -250,8 +250,8 @@ def test_action_plan_file(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_unet_samples_the_same_rollout():
-    """Placement(compile_unet=True) (sample.py --compile, the default on CUDA) compiles the UNet's layers and
-    draws the same two-round rollout as eager code, up to float rounding (fused kernels reorder fp32 sums; the
+    """Placement(compile_unet=True) (sample.py --compile, the default on CUDA) compiles the UNet's layers and the
+    VAE decoder and draws the same two-round rollout as eager code, up to float rounding (fused kernels reorder fp32 sums; the
     second round amplifies that through the decode: measured max |diff| 2.4e-4 on latents of scale 1)."""
     settings = ro.RolloutSettings(n_rounds=2, n_steps=2, cfg_scale=2.0)
     eager = build_tiny()
@@ -260,4 +260,5 @@ def test_compiled_unet_samples_the_same_rollout():
     compiled.load_state_dict(eager.state_dict())
     got = _run(compiled, settings, compile_unet=True).latents
     assert any(getattr(m, "compiled_run", None) is not None for m in compiled.unet.modules())
+    assert compiled.first_stage_model._decode_frames is not None, "the VAE decoder is compiled with the UNet"
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)

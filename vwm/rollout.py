@@ -36,6 +36,7 @@ from vwm.diffusion.guidance import (
 from vwm.diffusion.noise import EDMDiscretization
 from vwm.diffusion.sampler import EulerEDMSampler, Guider, HeunEDMSampler
 from vwm.models.engine import DiffusionEngine, step_seed
+from vwm.models.fp8 import convert_to_fp8
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,12 @@ class Placement:
     Constructing it prepares the model in place: eval mode, no gradients, the UNet cast to `unet_dtype`
     (default bf16 on CUDA, fp32 elsewhere; inputs are cast on the way in and outputs back to fp32, so the
     sampler state stays fp32), everything on `device` (low_vram: on the CPU), and with `compile_unet` the
-    UNet's layers compiled (`VideoUNet.compile_layers`). The conditioner and the VAE keep their fp32 weights.
+    UNet's layers and the VAE decoder compiled (`VideoUNet.compile_layers`); with `fp8` its large linear layers run as FP8 products
+    (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights.
     """
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
-                 unet_dtype: torch.dtype | None = None, compile_unet: bool = False):
+                 unet_dtype: torch.dtype | None = None, compile_unet: bool = False, fp8: bool = False):
         self.model = model
         self.device = torch.device(device)
         self.low_vram = low_vram
@@ -165,10 +167,19 @@ class Placement:
         model.eval().requires_grad_(False)
         model.model.to(dtype=self.unet_dtype)
         model.to("cpu" if low_vram else self.device)
+        if fp8:
+            if self.unet_dtype != torch.bfloat16:
+                raise ValueError("fp8 sampling needs the bf16 UNet (unet_dtype=torch.bfloat16)")
+            if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+                raise ValueError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+                                 f"{torch.cuda.get_device_name(self.device)} has none: sample without --fp8")
+            convert_to_fp8(model.unet)
         if compile_unet and not any(getattr(m, "compiled_run", None) for m in model.unet.modules()):
             # Regional compilation (one graph per layer shape, compiled at the first round): the sampler calls
             # the UNet with the same shapes every step, so the cost is paid once per rollout shape.
             model.unet.compile_layers()
+            if hasattr(model.first_stage_model, "compile_decoder"):
+                model.first_stage_model.compile_decoder()
 
     @contextlib.contextmanager
     def use(self, module: nn.Module) -> Iterator[None]:

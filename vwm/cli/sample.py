@@ -98,6 +98,9 @@ def parser(reward: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the UNet's layers (auto: on CUDA; about a minute of compilation per "
                         "resolution, then faster steps)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the UNet's large linear layers as FP8 products (GPUs of compute capability 8.9+: Ada, "
+                        "Hopper); faster, at a small fidelity cost (docs/sampling.md)")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the plan (config, samples, frames, parameters, weight memory) and exit")
     return p

@@ -23,13 +23,32 @@ def randn(
 
 
 class EDMSampling:
-    """Training noise levels, one per clip: ln(sigma) ~ N(p_mean, p_std^2) (EDM paper, Table 1, "p_train")."""
+    """Training noise levels, one per clip: ln(sigma) ~ N(p_mean, p_std^2) (EDM paper, Table 1, "p_train").
 
-    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+    `mixture` adds further normal components, [p_mean, p_std, probability] each; N(p_mean, p_std^2) keeps the
+    remaining probability. For a model that must learn two things at different noise: the demo's
+    (configs/demo/toyworld.yaml) puts most steps at high noise, where the actions decide the layout of the
+    future frames, and the rest at low noise, where the fine detail (lane markings) is resolved.
+    """
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, mixture: list[list[float]] | None = None):
         if p_std <= 0:
             raise ValueError(f"EDMSampling: p_std must be > 0, got {p_std}")
         self.p_mean = p_mean
         self.p_std = p_std
+        self.mixture = [[float(v) for v in c] for c in mixture or []]
+        for component in self.mixture:
+            if len(component) != 3 or not component[1] > 0 or not component[2] >= 0:
+                raise ValueError(
+                    f"EDMSampling: each mixture component must be [p_mean, p_std > 0, probability >= 0], got "
+                    f"{component}"
+                )
+        rest = 1.0 - sum(c[2] for c in self.mixture)
+        if rest < -1e-9:
+            raise ValueError(
+                f"EDMSampling: the mixture's probabilities sum to {1.0 - rest:g}, more than 1: {self.mixture}"
+            )
+        self.weights = [max(rest, 0.0)] + [c[2] for c in self.mixture]
 
     def __call__(
         self,
@@ -38,8 +57,18 @@ class EDMSampling:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """(n,) float32 sigmas, one per clip (the reference repeats each over the clip's frames)."""
-        return (self.p_mean + self.p_std * randn((n,), generator=generator, device=device)).exp()
+        """(n,) float32 sigmas, one per clip (the reference repeats each over the clip's frames).
+
+        Draws: the standard normals (n,), then, with a mixture only, each clip's component (n,)."""
+        z = randn((n,), generator=generator, device=device)
+        if not self.mixture:
+            return (self.p_mean + self.p_std * z).exp()
+        draw_device = generator.device if generator is not None else device
+        probs = torch.tensor(self.weights, dtype=torch.float64, device=draw_device)
+        pick = torch.multinomial(probs, n, replacement=True, generator=generator).to(z.device)
+        table = torch.tensor([[self.p_mean, self.p_std]] + [c[:2] for c in self.mixture], device=z.device)
+        mean, std = table[pick].unbind(-1)
+        return (mean + std * z).exp()
 
 
 class EDMDiscretization:

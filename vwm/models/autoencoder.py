@@ -436,6 +436,7 @@ class AutoencodingEngine(nn.Module):
         self.regularization = regularizer_config
 
     _encode_frames = None  # the torch.compile'd encoder forward, set by compile_encoder
+    _decode_frames = None  # the torch.compile'd decoder forward, set by compile_decoder
 
     def compile_encoder(self) -> None:
         """torch.compile the encoder's forward for the fixed frame shapes of a run (the norms, activations and
@@ -450,9 +451,15 @@ class AutoencodingEngine(nn.Module):
         """Frames (N, 3, H, W) in [-1, 1] -> latents (N, z, H/8, W/8), a posterior sample (or mode)."""
         return self.regularization(self._moments(x), generator=generator)
 
+    def compile_decoder(self) -> None:
+        """torch.compile the decoder's forward (sampling: sample.py compiles it with the UNet); each distinct
+        window shape compiles once. The state dict is unchanged."""
+        self._decode_frames = torch.compile(self.decoder.forward, dynamic=False)
+
     def decode(self, z: torch.Tensor, timesteps: int) -> torch.Tensor:
         """Latents ((B·T), z, h, w) of clips of `timesteps` frames -> frames ((B·T), 3, H, W)."""
-        return self.decoder(z, timesteps=timesteps)
+        decoder = self.decoder if self._decode_frames is None else self._decode_frames
+        return decoder(z, timesteps=timesteps)
 
     def encode_video(
         self, x: torch.Tensor, chunk_size: int, generator: torch.Generator | None = None

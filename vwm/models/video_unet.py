@@ -242,7 +242,8 @@ class VideoUNet(nn.Module):
         conv_resample: bool = True,
         num_classes: Literal["sequential"] | None = None,
         adm_in_channels: int | None = None,
-        use_checkpoint: bool = False,
+        use_checkpoint: bool | Literal["auto"] = False,
+        checkpoint_budget_gib: float | None = None,
         use_linear_in_transformer: bool = False,
         spatial_transformer_attn_type: Literal["softmax", "softmax-xformers"] = "softmax",
         extra_ff_mix_layer: bool = False,
@@ -272,6 +273,16 @@ class VideoUNet(nn.Module):
             raise ValueError(f"transformer_depth {depths} needs one entry per channel_mult level {list(channel_mult)}")
         depth_mid = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
         del spatial_transformer_attn_type  # every attention runs through SDPA
+        if use_checkpoint not in (True, False, "auto"):
+            raise ValueError(f"use_checkpoint must be true, false or 'auto', got {use_checkpoint!r}")
+        if checkpoint_budget_gib is not None and not checkpoint_budget_gib > 0:
+            raise ValueError(f"checkpoint_budget_gib must be > 0 GiB, got {checkpoint_budget_gib}")
+        # "auto": every layer checkpointed until the trainer applies a plan for its GPU's memory
+        # (vwm.training.activation_plan), which stores the activations of the layers that fit within
+        # `checkpoint_budget_gib` (default: 85 % of the GPU) and recomputes only the rest
+        self.checkpoint_policy = use_checkpoint
+        self.checkpoint_budget_gib = checkpoint_budget_gib
+        use_checkpoint = bool(use_checkpoint)
 
         self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels = model_channels

@@ -61,6 +61,7 @@ class SampleOptions:
     save: str = "outputs"
     low_vram: bool = False
     compile: str = "auto"
+    fp8: bool = False
     batch_size: int = 1
     decode_chunk: int | None = None
     fps: float = 10.0

@@ -65,6 +65,8 @@ def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
         f"# memory estimate per GPU (batch {batch}, activation checkpointing {'on' if checkpointing else 'off'}, "
         f"{'compiled' if compiled else 'eager'} layers; fitted to measured peaks, about +-15 %)",
         *mem.lines(),
+        *([f"# {mem.plan.describe()} (the GPU's own memory on a real run; checkpoint_budget_gib sets it)"]
+          if mem.plan is not None else []),
     ]
     advice = mem.advice(limit_gib=80.0)
     out += [f"# {line}" for line in advice]

@@ -95,6 +95,8 @@ class ActivationProfile:
     checkpointed: int
     full: int
     largest_layer: int
+    per_layer: tuple[tuple[str, int], ...] = ()
+    """(module name in the UNet, bytes it keeps for backward without checkpointing), in execution order."""
 
 
 def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: int, width: int, batch: int = 1,
@@ -107,7 +109,8 @@ def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: i
     for m in layers:
         m.compiled_run = None  # count the eager layers (the compiled ones keep less: see MEMORY_COEFFICIENTS)
     counts: dict[bool, int] = {}
-    per_layer: list[int] = []
+    per_layer: list[tuple[str, int]] = []
+    names = {id(m): name for name, m in unet.named_modules()}
     total = [0]
     x, c_noise, context, y, mask = _meta_inputs(unet, batch, frames, (height // downsample, width // downsample),
                                                 context_dim)
@@ -120,11 +123,11 @@ def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: i
             total[0] += t.untyped_storage().nbytes()
         return t
 
-    def measured(forward):  # noqa: ANN001
+    def measured(name: str, forward):  # noqa: ANN001
         def run(*args, **kwargs):  # noqa: ANN002, ANN003
             before = total[0]
             out = forward(*args, **kwargs)
-            per_layer.append(total[0] - before)
+            per_layer.append((name, total[0] - before))
             return out
         return run
 
@@ -137,7 +140,7 @@ def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: i
             for m in layers:
                 m.use_checkpoint = checkpointing
                 if not checkpointing:
-                    m.video_forward = measured(type(m).video_forward.__get__(m))
+                    m.video_forward = measured(names[id(m)], type(m).video_forward.__get__(m))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 unet(x, c_noise, context, y.to(dtype) if y is not None else None, mask)
             counts[checkpointing] = total[0]
@@ -147,7 +150,83 @@ def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: i
             m.use_checkpoint = flag
             m.compiled_run = compiled
             m.__dict__.pop("video_forward", None)
-    return ActivationProfile(checkpointed=counts[True], full=counts[False], largest_layer=max(per_layer, default=0))
+    return ActivationProfile(checkpointed=counts[True], full=counts[False],
+                             largest_layer=max((b for _, b in per_layer), default=0), per_layer=tuple(per_layer))
+
+
+def layer_flops(unet: nn.Module, context_dim: int, frames: int, height: int, width: int, batch: int = 1,
+                downsample: int = 8) -> dict[str, float]:
+    """Forward FLOPs of each checkpointable layer (res block, transformer) of a meta-device UNet, by module name:
+    what activation checkpointing recomputes in the backward pass when that layer is checkpointed."""
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, VideoLayer)}
+    counter = FlopCounterMode(display=False)
+    out: dict[str, float] = {}
+
+    def counted(name: str, forward):  # noqa: ANN001
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003
+            before = counter.get_total_flops()
+            result = forward(*args, **kwargs)
+            out[name] = out.get(name, 0.0) + float(counter.get_total_flops() - before)
+            return result
+        return run
+
+    inputs = _meta_inputs(unet, batch, frames, (height // downsample, width // downsample), context_dim)
+    compiled = {name: m.__dict__.get("compiled_run") for name, m in layers.items()}
+    try:
+        for name, m in layers.items():
+            m.compiled_run = None
+            m.video_forward = counted(name, type(m).video_forward.__get__(m))
+        with counter, torch.no_grad():
+            unet(*inputs)
+    finally:
+        for name, m in layers.items():
+            m.__dict__.pop("video_forward", None)
+            m.compiled_run = compiled[name]
+    return out
+
+
+DEFAULT_BUDGET_FRACTION = 0.85
+"""`use_checkpoint: auto` plans for this share of the GPU's memory unless `checkpoint_budget_gib` says otherwise:
+the rest covers the estimate's error (about +-15 %) and the allocator's fragmentation."""
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """Which UNet layers keep their activations (`stored`, by module name) and which are checkpointed (recomputed
+    in the backward pass) under `use_checkpoint: auto`, with the estimated activation peak and recomputation."""
+
+    stored: frozenset[str]
+    layers: int
+    activations: int
+    recompute_flops: float
+    forward_flops: float
+    budget: int
+
+    def describe(self) -> str:
+        share = self.recompute_flops / self.forward_flops if self.forward_flops else 0.0
+        return (f"activation checkpointing auto: {self.layers - len(self.stored)} of {self.layers} layers "
+                f"checkpointed, recomputing {100 * share:.0f} % of the UNet forward FLOPs; planned for a "
+                f"{self.budget / GIB:.1f} GiB budget")
+
+
+def choose_stored_layers(saved: Mapping[str, int], flops: Mapping[str, float], checkpointed: float, full: float,
+                         room: float) -> tuple[frozenset[str], float]:
+    """Layers that run without checkpointing, most recomputation saved per stored byte first, while the activation
+    peak stays within `room` bytes. The peak moves linearly between `checkpointed` (every layer checkpointed) and
+    `full` (none) with the share of the layers' saved bytes that are stored, so both ends match the fitted memory
+    model. Returns the stored layers and the planned activation peak."""
+    total = sum(saved.values())
+    if total <= 0:
+        return frozenset(), checkpointed
+    per_byte = max(full - checkpointed, 0.0) / total
+    stored: set[str] = set()
+    peak = checkpointed
+    for name in sorted(saved, key=lambda n: (flops.get(n, 0.0) / max(saved[n], 1), n), reverse=True):
+        extra = saved[name] * per_byte
+        if peak + extra <= room:
+            stored.add(name)
+            peak += extra
+    return frozenset(stored), peak
 
 
 MEMORY_COEFFICIENTS = {
@@ -186,6 +265,7 @@ class MemoryEstimate:
     vae_encode: int = 0
     overhead: int = 0
     checkpointing: bool = True
+    plan: "ActivationPlan | None" = None
 
     @property
     def steady(self) -> int:
@@ -205,13 +285,18 @@ class MemoryEstimate:
                  ("fp32 master + Adam (ZeRO partition)", self.master_and_optimizer),
                  ("EMA (fp32)", self.ema), ("workspaces, batch", self.overhead),
                  ("gradients (partition + bucket), in bwd", self.gradients),
-                 (f"activations, {'checkpointed' if self.checkpointing else 'no checkpointing'}", self.activations),
+                 (f"activations, {self._checkpointing_label()}", self.activations),
                  ("VAE encode (transient, before the UNet)", self.vae_encode),
                  ("optimizer step: fp32 gradients", self.step_transient)]
         phase = max((self.activations + self.gradients, "forward/backward"), (self.vae_encode, "VAE encode"),
                     (self.gradients + self.step_transient, "optimizer step"))[1]
         return [f"  {name:<42s} {value / GIB:8.2f} GiB" for name, value in parts] + [
             f"  {'peak (held + largest transient: ' + phase + ')':<42s} {self.total / GIB:8.2f} GiB"]
+
+    def _checkpointing_label(self) -> str:
+        if self.plan is not None:
+            return f"checkpointing {self.plan.layers - len(self.plan.stored)}/{self.plan.layers} layers"
+        return "checkpointed" if self.checkpointing else "no checkpointing"
 
     def advice(self, limit_gib: float = 80.0) -> list[str]:
         """What would bring the peak under `limit_gib`, biggest lever first. More GPUs shrink only the ZeRO
@@ -263,10 +348,12 @@ def estimate_memory(trainable: int, frozen: int, ema_params: int, world_size: in
     )
 
 
-def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16-mixed", model: nn.Module | None = None
-                        ) -> MemoryEstimate:
+def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16-mixed", model: nn.Module | None = None,
+                        budget_gib: float | None = None) -> MemoryEstimate:
     """The per-GPU peak of a training config (its model, data size, checkpointing, compile and ZeRO settings);
-    `model` is the config's model built on the meta device (built here when not given)."""
+    `model` is the config's model built on the meta device (built here when not given). With `use_checkpoint:
+    auto` the estimate holds the plan (`.plan`) for `checkpoint_budget_gib`, else `budget_gib` (the GPU's memory),
+    else 85 % of 80 GiB."""
     if model is None:
         model = build_model(cfg, device="meta")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -277,15 +364,17 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     network = model_params["network_config"]
     run = RunSettings.from_config(cfg)
     frames, height, width, batch, down = run.num_frames, run.height, run.width, run.batch_size, run.latent_downsample
+    policy = network["params"].get("use_checkpoint")
     checkpointing = run.use_checkpoint
     half = precision.startswith(("bf16", "16"))
-    profile = activation_profile(model.model.diffusion_model, context_width(network), frames, height, width, batch,
+    unet = model.model.diffusion_model
+    profile = activation_profile(unet, context_width(network), frames, height, width, batch,
                                  dtype=torch.bfloat16 if half else torch.float32, downsample=down)
     coef = MEMORY_COEFFICIENTS
     # Compiled layers are estimated as eager ones: the one compiled measurement with a comparable eager one
     # (320x576, phase 2) gave the same peak (docs/training.md, "Memory estimate").
-    activations = (coef["checkpointed_saved"] * profile.checkpointed if checkpointing
-                   else coef["uncheckpointed_saved"] * profile.full)
+    all_checkpointed = coef["checkpointed_saved"] * profile.checkpointed
+    activations = all_checkpointed if checkpointing else coef["uncheckpointed_saved"] * profile.full
     chunk = min(int(model_params.get("en_and_decode_n_samples_a_time") or frames), frames * batch)
     stage = (model_params.get("first_stage_config") or {}).get("target", "")
     cached = all(isinstance(s, Mapping) and str(s.get("target", "")).endswith("LatentCacheSubset")
@@ -295,5 +384,18 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     zero = run.zero_stage or 0
     bucket = int((to_container(OmegaConf.select(cfg, "lightning.deepspeed")) or {}).get(
         "reduce_bucket_size", 200_000_000))
-    return estimate_memory(trainable, frozen, ema, world_size, int(activations), precision=precision,
-                           zero_stage=zero, vae_encode=vae, checkpointing=checkpointing, bucket_elements=bucket)
+    estimate = estimate_memory(trainable, frozen, ema, world_size, int(activations), precision=precision,
+                               zero_stage=zero, vae_encode=vae, checkpointing=checkpointing, bucket_elements=bucket)
+    if policy == "auto":
+        limit = network["params"].get("checkpoint_budget_gib") or budget_gib or DEFAULT_BUDGET_FRACTION * 80.0
+        budget = int(float(limit) * GIB)
+        flops = layer_flops(unet, context_width(network), frames, height, width, batch, downsample=down)
+        saved = dict(profile.per_layer)
+        room = budget - estimate.steady - estimate.gradients
+        stored, peak = choose_stored_layers(saved, flops, all_checkpointed,
+                                            coef["uncheckpointed_saved"] * profile.full, room)
+        estimate.activations = int(peak)
+        estimate.plan = ActivationPlan(stored=stored, layers=len(saved), activations=int(peak),
+                                       recompute_flops=sum(f for n, f in flops.items() if n not in stored),
+                                       forward_flops=float(sum(flops.values())), budget=budget)
+    return estimate

@@ -32,6 +32,7 @@ from vwm.checkpoint import load_finetune
 from vwm.checkpoint.manifest import read_manifest
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
 from vwm.defaults import SEED
+from vwm.training.activation_plan import apply_activation_plan
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
 from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, resume_target
 from vwm.training.flops import unet_forward_flops
@@ -286,6 +287,9 @@ def _train(opts: TrainOptions) -> int:
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
     if weights.source in ("finetune", "default"):
         load_finetune(engine, weights.path, to_container(cfg.model))
+    gpu = launch.accelerator != "cpu" and torch.cuda.is_available()
+    apply_activation_plan(engine, cfg, world_size=world, precision=launch.precision,
+                          device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else None)
     datamodule = instantiate(cfg.data, "data.params", seed=opts.seed, subsets=data_plan.subsets)
 
     strategy = build_strategy(run.strategy, to_container(cfg.get("lightning")) or {})
