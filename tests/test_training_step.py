@@ -38,3 +38,14 @@ def test_finalize_batch_refuses_a_second_conversion():
         assert "img_seq" in str(err)
     else:
         raise AssertionError("a float batch must be refused")
+
+
+def test_a_batch_with_its_own_cond_frames_keeps_them():
+    """A caller that built `cond_frames` itself (the reference's datasets do) gets them used as given."""
+    batch = _batch([0.5, 0.5])
+    given = torch.full_like(batch["cond_frames_without_noise"], 0.25)
+    batch["cond_frames"] = given
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    out = add_condition_frames(batch, gen)
+    assert out["cond_frames"] is given and torch.equal(gen.get_state(), state)

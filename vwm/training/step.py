@@ -44,8 +44,9 @@ def step_keys(global_step: int, batch: Mapping[str, object], batch_idx: int) -> 
 def add_condition_frames(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """`cond_frames` = `cond_frames_without_noise` + cond_aug · N(0, I) per clip (the reference's noise
     augmentation of the condition frame). Draws from `generator` only when some cond_aug is non-zero, so a run
-    without augmentation draws exactly what it drew before this step existed."""
-    if "cond_frames_without_noise" not in batch:
+    without augmentation draws exactly what it drew before this step existed. A batch that already holds
+    `cond_frames` (one built by the caller, as the reference's datasets build it) is used as it is."""
+    if "cond_frames_without_noise" not in batch or "cond_frames" in batch:
         return batch
     first = batch["cond_frames_without_noise"]
     cond_aug = batch.get("cond_aug")
