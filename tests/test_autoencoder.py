@@ -20,7 +20,7 @@ from vwm.models.autoencoder import (
     Encoder,
     ResnetBlock,
     VideoDecoder,
-    VideoResBlock,
+    DecoderVideoResBlock,
 )
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -206,7 +206,7 @@ def test_video_decoder_mixes_neighbouring_frames_only_within_a_clip():
 
 
 def test_video_res_block_weights_the_temporal_branch_by_alpha():
-    block = VideoResBlock(32, 32, 0.0, [3, 1, 1], alpha=0.7, merge_strategy="learned")
+    block = DecoderVideoResBlock(32, 32, 0.0, [3, 1, 1], alpha=0.7, merge_strategy="learned")
     with torch.no_grad():
         block.time_stack.out_layers[3].weight.normal_(0.0, 0.1)
         x = torch.randn(2 * 3, 32, 4, 4)
@@ -215,7 +215,7 @@ def test_video_res_block_weights_the_temporal_branch_by_alpha():
         alpha = torch.sigmoid(torch.tensor(0.7))
         expected = rearrange(alpha * temporal + (1 - alpha) * spatial, "b c t h w -> (b t) c h w")
         torch.testing.assert_close(block(x, timesteps=3), expected)
-    fixed = VideoResBlock(32, 32, 0.0, 3, alpha=0.25, merge_strategy="fixed")
+    fixed = DecoderVideoResBlock(32, 32, 0.0, 3, alpha=0.25, merge_strategy="fixed")
     assert "mix_factor" in dict(fixed.named_buffers())
     assert fixed.time_stack.in_layers[2].kernel_size == (3, 3, 3)
 

@@ -19,6 +19,12 @@ ACTION_EMBED_DIM = 128
 ACTION_CONTEXT_DIM = ACTION_EMBED_DIM * sum(ACTION_FEATURES.values())  # 128 * 19 = 2432
 """Width of the action part of the cross-attention context."""
 
+
+def context_width(context_dim: int, action_control: bool) -> int:
+    """Cross-attention context width a network expects: the CLIP width, plus the action columns when enabled."""
+    return int(context_dim) + (ACTION_CONTEXT_DIM if action_control else 0)
+
+
 # Normalisations applied to the nuScenes annotation values (reference `NuScenesDataset`).
 STEERING_WHEEL_RANGE_DEG = 780.0
 """`angle` features are steering-wheel degrees divided by this."""

@@ -14,12 +14,25 @@ import logging
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from vwm.aliases import (  # noqa: F401  (PARAM_ALIASES, Alias, ParamAliases re-exported: the alias layer's API)
+    ALIASES,
+    PARAM_ALIASES,
+    REFERENCE_SUBSETS,
+    Alias,
+    ParamAliases,
+    constructor_arguments,
+    param_aliases,
+)
+from vwm.resources import find_config
+
+if TYPE_CHECKING:  # vwm.models.engine instantiates its parts through this module
+    from vwm.models.engine import DiffusionEngine
 
 log = logging.getLogger(__name__)
 
@@ -38,73 +51,12 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the dotted key."""
 
 
-@dataclass(frozen=True)
-class Alias:
-    """Where a reference (Vista) class path lives in vwm, and which of its params vwm derives instead."""
-
-    target: str
-    derived: tuple[str, ...] = ()
-
-
-_R = "vwm.modules.diffusionmodules."
-ALIASES: dict[str, Alias] = {
-    "vwm.models.diffusion.DiffusionEngine": Alias("vwm.models.engine.DiffusionEngine"),
-    f"{_R}video_model.VideoUNet": Alias("vwm.models.video_unet.VideoUNet"),
-    f"{_R}wrappers.OpenAIWrapper": Alias("vwm.models.video_unet.UNetWrapper"),
-    f"{_R}denoiser.Denoiser": Alias("vwm.diffusion.denoiser.Denoiser", ("num_frames",)),
-    f"{_R}denoiser_scaling.VScalingWithEDMcNoise": Alias("vwm.diffusion.denoiser.VScalingWithEDMcNoise"),
-    f"{_R}denoiser_scaling.EDMScaling": Alias("vwm.diffusion.denoiser.EDMScaling"),
-    f"{_R}denoiser_scaling.VScaling": Alias("vwm.diffusion.denoiser.VScaling"),
-    f"{_R}denoiser_scaling.EpsScaling": Alias("vwm.diffusion.denoiser.EpsScaling"),
-    f"{_R}loss.StandardDiffusionLoss": Alias("vwm.diffusion.loss.StandardDiffusionLoss", ("num_frames",)),
-    f"{_R}loss_weighting.VWeighting": Alias("vwm.diffusion.loss.VWeighting"),
-    f"{_R}loss_weighting.EDMWeighting": Alias("vwm.diffusion.loss.EDMWeighting"),
-    f"{_R}loss_weighting.EpsWeighting": Alias("vwm.diffusion.loss.EpsWeighting"),
-    f"{_R}loss_weighting.UnitWeighting": Alias("vwm.diffusion.loss.UnitWeighting"),
-    f"{_R}sigma_sampling.EDMSampling": Alias("vwm.diffusion.noise.EDMSampling", ("num_frames",)),
-    f"{_R}discretizer.EDMDiscretization": Alias("vwm.diffusion.noise.EDMDiscretization"),
-    f"{_R}sampling.EulerEDMSampler": Alias("vwm.diffusion.sampler.EulerEDMSampler"),
-    f"{_R}guiders.VanillaCFG": Alias("vwm.diffusion.guidance.VanillaCFG"),
-    f"{_R}guiders.IdentityGuider": Alias("vwm.diffusion.guidance.IdentityGuider"),
-    f"{_R}guiders.LinearPredictionGuider": Alias("vwm.diffusion.guidance.LinearPredictionGuider", ("num_frames",)),
-    f"{_R}guiders.TrianglePredictionGuider": Alias(
-        "vwm.diffusion.guidance.TrianglePredictionGuider", ("num_frames",)
-    ),
-    f"{_R}model.Encoder": Alias("vwm.models.autoencoder.Encoder"),
-    f"{_R}model.Decoder": Alias("vwm.models.autoencoder.Decoder"),
-    "vwm.modules.autoencoding.temporal_ae.VideoDecoder": Alias("vwm.models.autoencoder.VideoDecoder"),
-    "vwm.modules.autoencoding.regularizers.DiagonalGaussianRegularizer": Alias(
-        "vwm.models.autoencoder.DiagonalGaussianRegularizer"
-    ),
-    "vwm.modules.GeneralConditioner": Alias("vwm.models.conditioner.GeneralConditioner"),
-    "vwm.modules.encoders.modules.GeneralConditioner": Alias("vwm.models.conditioner.GeneralConditioner"),
-    "vwm.modules.encoders.modules.FrozenOpenCLIPImagePredictionEmbedder": Alias(
-        "vwm.models.conditioner.FrozenOpenCLIPImagePredictionEmbedder"
-    ),
-    "vwm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder": Alias(
-        "vwm.models.conditioner.FrozenOpenCLIPImageEmbedder"
-    ),
-    "vwm.modules.encoders.modules.ConcatTimestepEmbedderND": Alias("vwm.models.conditioner.ConcatTimestepEmbedderND"),
-    "vwm.modules.encoders.modules.VideoPredictionEmbedderWithEncoder": Alias(
-        "vwm.models.conditioner.VideoPredictionEmbedderWithEncoder"
-    ),
-    "vwm.lr_scheduler.LambdaLinearScheduler": Alias("vwm.training.lr.LambdaLinearScheduler"),
-    "vwm.data.dataset.Sampler": Alias("vwm.data.datamodule.VideoDataModule"),
-    "train.ImageLogger": Alias("vwm.training.callbacks.VideoLogger", ("num_frames",)),
-}
-
-
-# --------------------------------------------------------------------------------------------------- loading
-
-
 BASE_KEY = "_base_"
 """A YAML file may list files it extends (paths relative to itself); they are merged first, in order."""
 
 
 def _load_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if not chain:
-        from vwm.resources import find_config
-
         path = find_config(path)
     path = path.resolve()
     if path in chain:
@@ -146,17 +98,11 @@ def _item_names(item: Any) -> set[str]:
     if isinstance(item, DictConfig) and isinstance(item.get("target"), str):
         target = item.target
         names = {target.rsplit(".", 1)[-1]}
-        for name, (ref_target, _) in _reference_subsets().items():
+        for name, (ref_target, _) in REFERENCE_SUBSETS.items():
             if ref_target == target:
                 names.add(name)
         return names
     return set()
-
-
-def _reference_subsets() -> dict[str, tuple[str, dict[str, str]]]:
-    from vwm.data.datamodule import REFERENCE_SUBSETS
-
-    return REFERENCE_SUBSETS
 
 
 def _resolve_named_items(cfg: DictConfig, key: str, item: str) -> str:
@@ -176,8 +122,8 @@ def _resolve_named_items(cfg: DictConfig, key: str, item: str) -> str:
                                   f"0..{len(node) - 1}")
             j = matches[0]
             value = node[j]
-            if isinstance(value, str) and value in _reference_subsets():
-                target, params = _reference_subsets()[value]
+            if isinstance(value, str) and value in REFERENCE_SUBSETS:
+                target, params = REFERENCE_SUBSETS[value]
                 node[j] = {"target": target, "params": dict(params)}
             parts[i] = part = str(j)
             if is_node(node[j]) and parts[i + 1] not in RESERVED_KEYS:
@@ -208,7 +154,7 @@ def load_config(paths: str | Path | Iterable[str | Path], overrides: Sequence[st
         apply_override(cfg, item)
     resolve_aliases(cfg)
     validate(cfg)
-    from vwm.schema import validate_sections
+    from vwm.schema import validate_sections  # vwm.schema checks values with this module's type matcher
 
     validate_sections(cfg)
     return cfg
@@ -256,6 +202,19 @@ def locate(target: str, path: str = "target") -> Any:
 def is_node(value: Any) -> bool:
     """True for a `{target: ...}` mapping."""
     return isinstance(value, (Mapping, DictConfig)) and "target" in value
+
+
+def config_parameters(cls: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """The parameters a config node of `cls` may set, under their config names (PARAM_ALIASES: renamed ones under
+    the reference's name, dropped ones as optional and untyped), and their type hints."""
+    params, hints = _signature_params(cls)
+    aliases = param_aliases(cls)
+    back = {new: old for old, new in aliases.renames.items()}
+    params = {back.get(name, name): p for name, p in params.items()}
+    hints = {back.get(name, name): h for name, h in hints.items()}
+    for name in aliases.drops:
+        params.setdefault(name, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+    return params, hints
 
 
 def _signature_params(cls: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
@@ -325,7 +284,7 @@ def _validate_node(node: Mapping | DictConfig, path: str, injected: bool = False
     if not isinstance(target, str):
         raise ConfigError(f"{where}.target must be a dotted class path, got {target!r}")
     cls = locate(target, f"{where}.target")
-    params, hints = _signature_params(cls)
+    params, hints = config_parameters(cls)
     args = node_arguments(node)
     unbuilt = set(getattr(cls, "config_unbuilt", ()))
     for name, value in args.items():
@@ -425,6 +384,7 @@ def instantiate(node: Any, config_path: str = "<node>", **extra: Any) -> Any:
     cls = locate(node["target"])
     skip = set(getattr(cls, "config_unbuilt", ()))
     kwargs = {k: (v if k in skip else _build(v, f"{config_path}.params.{k}")) for k, v in node_arguments(node).items()}
+    kwargs = constructor_arguments(cls, kwargs, config_path)
     kwargs.update(extra)
     try:
         return cls(**kwargs)
@@ -444,7 +404,7 @@ def _build(value: Any, config_path: str) -> Any:
     return value
 
 
-def build_model(cfg: DictConfig | Mapping, device: str | torch.device | None = None) -> Any:
+def build_model(cfg: DictConfig | Mapping, device: str | torch.device | None = None) -> DiffusionEngine:
     """Instantiate `cfg.model` (or `cfg` if it is the model node); `device="meta"` builds without allocating."""
     node = cfg["model"] if "model" in cfg else cfg
     if not is_node(node):

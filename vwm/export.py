@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+import vwm
+from vwm.actions import context_width
 from vwm.checkpoint import (
     CheckpointError,
     check_ema_shadows,
@@ -40,11 +42,14 @@ from vwm.checkpoint import (
     read_state_dict,
     restore_reduced_precision,
 )
+from vwm.config import build_model, instantiate, load_config, resolve_aliases, to_container, validate
+from vwm.defaults import NUM_FRAMES
+from vwm.dtypes import DTYPES, DtypeName
+from vwm.fsio import atomic_write_text, fsync_path, honour_umask
+from vwm.models.video_unet import UNetWrapper
 
 log = logging.getLogger(__name__)
 
-Dtype = Literal["fp32", "bf16", "fp16"]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"rtol": 1e-4, "atol": 1e-5},
@@ -81,7 +86,7 @@ class ExportOptions:
     ema: bool | None = None
     """True: fold EMA (error without one); False: raw weights; None: EMA when the source has it."""
     merge_lora: bool = True
-    dtype: Dtype = "fp32"
+    dtype: DtypeName = "fp32"
     config: list[str] | None = None
     """YAML files (then `a.b=c` overrides) of the source's training config; default: the run's or the
     embedded one."""
@@ -186,8 +191,6 @@ def find_run_config(src: str) -> str | None:
 
 def config_from_metadata(metadata: Mapping[str, str]) -> DictConfig | None:
     """The validated model config a vwm export embeds (`vwm_config`), if any."""
-    from vwm.config import resolve_aliases, validate
-
     embedded = read_config_metadata(metadata)
     if embedded is None:
         return None
@@ -200,8 +203,6 @@ def config_from_metadata(metadata: Mapping[str, str]) -> DictConfig | None:
 def resolve_source_config(opts: ExportOptions, metadata: Mapping[str, str]) -> tuple[DictConfig, str]:
     """(config the source was trained with, where it came from): --config, else the run's config.yaml, else
     the config embedded in a safetensors source."""
-    from vwm.config import load_config
-
     if opts.config:
         files = [c for c in opts.config if "=" not in c]
         if not files:
@@ -220,11 +221,9 @@ def resolve_source_config(opts: ExportOptions, metadata: Mapping[str, str]) -> t
     )
 
 
-def inference_config(model_node: Any, lora: LoraMode) -> dict[str, Any]:
+def inference_config(model_node: Mapping[str, Any], lora: LoraMode) -> dict[str, Any]:
     """`{"model": node}`: the training model node in inference form (EMA folded, LoRA merged unless kept, no
     loss/sampler/scheduler/optimizer, no training-only switches); action control and the rest unchanged."""
-    from vwm.config import to_container
-
     node = copy.deepcopy(to_container(model_node))
     node.pop("base_learning_rate", None)
     params = node.setdefault("params", {})
@@ -285,61 +284,31 @@ def prefix_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, i
     return {k: (n, numel) for k, (n, numel) in sorted(counts.items())}
 
 
-def honour_umask(path: str) -> None:
-    """Give a file the permissions a plain `open()` would (0666 minus the umask): safetensors creates its files
-    0600, which other users of a shared checkpoint folder cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------------------- verification
 
 
 class _Network(nn.Module):
     """The network and preconditioning of a model config under the engine's names (`model`, `denoiser`)."""
 
-    def __init__(self, model_node: Any):
+    def __init__(self, model_node: Mapping[str, Any]):
         super().__init__()
-        from vwm.config import instantiate
-        from vwm.models.video_unet import UNetWrapper
-
         params = model_node["params"]
         self.model = UNetWrapper(instantiate(params["network_config"]))
         self.denoiser = instantiate(params["denoiser_config"])
-        self.num_frames = int(params.get("num_frames", 25))
+        self.num_frames = int(params.get("num_frames", NUM_FRAMES))
 
 
 def _verification_inputs(
-    model_node: Any, frames: int
+    model_node: Mapping[str, Any], frames: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
     """Fixed random (x, sigma, cond, cond_mask) for a network config, drawn from VERIFY_SEED."""
-    from vwm.actions import ACTION_CONTEXT_DIM
-
     net = model_node["params"]["network_config"]["params"]
     gen = torch.Generator().manual_seed(VERIFY_SEED)
     side = max(8, 2 ** (len(net.get("channel_mult", (1, 2, 4, 4))) - 1))
     out_ch, in_ch = int(net["out_channels"]), int(net["in_channels"])
     x = torch.randn(2, frames, out_ch, side, side, generator=gen)
     sigma = torch.tensor([5.0, 20.0])  # c_skip <= 0.04: the output is mostly the network's
-    width = int(net["context_dim"]) + (ACTION_CONTEXT_DIM if net.get("action_control", False) else 0)
+    width = context_width(net["context_dim"], bool(net.get("action_control", False)))
     cond = {"crossattn": torch.randn(2, 1, width, generator=gen)}
     if net.get("adm_in_channels"):
         cond["vector"] = torch.randn(2, int(net["adm_in_channels"]), generator=gen)
@@ -351,7 +320,7 @@ def _verification_inputs(
 
 
 @torch.no_grad()
-def denoiser_output(model_node: Any, weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+def denoiser_output(model_node: Mapping[str, Any], weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     """Denoiser output of the network of `model_node`, loaded strictly with the `model.*` keys of
     `weights`, on the fixed verification inputs."""
     net = _Network(model_node)
@@ -366,8 +335,6 @@ def denoiser_output(model_node: Any, weights: Mapping[str, torch.Tensor], name: 
 def verify_export(path: str, expected_config: Mapping, reference: torch.Tensor, dtype: str) -> Verification:
     """Reload `path` strictly into the model built from its embedded config and compare its denoiser output
     with `reference` (the source weights' output) within TOLERANCES[dtype]."""
-    from vwm.config import build_model, to_container
-
     tensors, metadata = read_safetensors(path)
     cfg = _embedded_config(path, metadata, expected_config)
     check_state_dict(build_model(cfg, device="meta").state_dict(), tensors, path, allow_missing=())
@@ -412,8 +379,6 @@ def _check_options(opts: ExportOptions) -> None:
 def _prepare_weights(sd: dict[str, torch.Tensor], opts: ExportOptions, train_cfg: DictConfig,
                      result: ExportResult) -> dict[str, torch.Tensor]:
     """Source weights in the training layout, checked against the training model, EMA folded if chosen."""
-    from vwm.config import build_model
-
     if opts.frozen_from is not None:
         sd, result.restored = restore_reduced_precision(sd, read_state_dict(opts.frozen_from)[0], opts.src)
     result.reduced_precision = sorted(k for k, v in sd.items()
@@ -459,7 +424,7 @@ def _publish_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     try:
         save_file(tensors, tmp, metadata=metadata)
         honour_umask(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         tensors.clear()
         result.verification = verify_export(tmp, config, reference, opts.dtype)
         if not result.verification.passed:
@@ -468,18 +433,15 @@ def _publish_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         result.file_sha256 = file_sha256(tmp)
         result.size = os.path.getsize(tmp)
         os.replace(tmp, result.dst)
-        _fsync(folder)
+        fsync_path(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _write_text_atomic(result.dst + ".sha256", f"{result.file_sha256}  {os.path.basename(result.dst)}\n")
+    atomic_write_text(result.dst + ".sha256", f"{result.file_sha256}  {os.path.basename(result.dst)}\n")
 
 
 def export_checkpoint(opts: ExportOptions) -> ExportResult:
     """Run the whole export; DST appears only once the written file passed verification."""
-    import vwm
-    from vwm.config import to_container
-
     _check_options(opts)
     sd, source_metadata = read_state_dict(opts.src)
     train_cfg, config_source = resolve_source_config(opts, source_metadata)

@@ -28,6 +28,8 @@ from torch import nn
 from vwm.actions import (
     ACTION_FEATURES, ACTION_KEYS, COMMANDS, GOAL_IMAGE_SIZE, MODALITIES, STEERING_WHEEL_RANGE_DEG,
 )
+from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID
+from vwm.defaults import SAMPLING_STEPS
 from vwm.diffusion.guidance import (
     IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG,
 )
@@ -48,10 +50,6 @@ CLIP_WINDOW = 5
 for the temporal decoder (the reference decodes the last 14 to use one)."""
 UC_ZERO_KEYS = ("cond_frames", "cond_frames_without_noise", *ACTION_KEYS)
 """Inputs zeroed in the unconditional branch (reference sample.py: CLIP, concat latent and every action)."""
-FPS_ID = 9
-"""fps conditioning value (10 fps - 1), as in every Vista training clip."""
-MOTION_BUCKET_ID = 127
-"""Motion-bucket conditioning value, as in every Vista training clip."""
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 700.0, 7.0
 """Sampling schedule of the reference (EDM discretisation with sigma_max 700): RolloutSettings' defaults."""
 LOW_VRAM_DECODE_CHUNK = 6
@@ -64,7 +62,7 @@ class RolloutSettings:
 
     n_rounds: int = 1
     n_conds: int = 1
-    n_steps: int = 50
+    n_steps: int = SAMPLING_STEPS
     cfg_scale: float = 2.5
     guider: GuiderName | None = None
     """None: vanilla CFG for one round, the triangle schedule for several (the reference's choice)."""
@@ -322,15 +320,8 @@ def _conditioning(model: DiffusionEngine, placement: Placement, pixels: torch.Te
     }
     embedders = list(model.conditioner.embedders)
     uc_keys = [k for k in UC_ZERO_KEYS if k in {e.input_key for e in embedders}]
-    encoders = [e for e in embedders if hasattr(e, "skip_encode")]
-    with placement.use(model.conditioner):
-        for e in encoders:
-            e.skip_encode = skip_encode
-        try:
-            return model.get_conditioning(batch, uc_keys=uc_keys)
-        finally:
-            for e in encoders:
-                e.skip_encode = False
+    with placement.use(model.conditioner), model.conditioner.latent_condition_frames(skip_encode):
+        return model.get_conditioning(batch, uc_keys=uc_keys)
 
 
 def decode_latents(model: DiffusionEngine, z: torch.Tensor, chunk: int,

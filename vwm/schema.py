@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pytorch_lightning as pl
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -351,8 +352,6 @@ def logger_nodes(value: Any, path: str = "lightning.logger") -> dict[str, dict[s
 
 def check_trainer_section(section: Any) -> None:
     """Check `lightning.trainer` against pytorch_lightning.Trainer's signature and vwm's ownership rules."""
-    import pytorch_lightning as pl
-
     params = inspect.signature(pl.Trainer.__init__).parameters
     allowed = {name for name in params if name != "self"}
     _check_keys("lightning.trainer", section, allowed, TRAINER_REJECTED)

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+
+from vwm.checkpoint import CheckpointError
+from vwm.data.datamodule import DataBudgetError
 
 EXIT_USAGE = 2
 """Exit code of a user error (bad flag or config value, missing file, unusable checkpoint or data)."""
@@ -20,16 +24,8 @@ DEBUG_FLAGS = ("--debug",)
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean the user must change a flag, a config value, a file or the data."""
-    from vwm.checkpoint import CheckpointError
-
     errors: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                                         IsADirectoryError, PermissionError, CheckpointError]
-    try:
-        from vwm.data.datamodule import DataBudgetError
-    except ImportError:  # pragma: no cover - Lightning missing: the data module cannot raise it either
-        pass
-    else:
-        errors.append(DataBudgetError)
+                                         IsADirectoryError, PermissionError, CheckpointError, DataBudgetError]
     return tuple(errors)
 
 
@@ -102,8 +98,6 @@ QUIET_LOGGERS = {
 class _DropMatching(logging.Filter):
     def __init__(self, pattern: str):
         super().__init__()
-        import re
-
         self.pattern = re.compile(pattern, re.DOTALL)
 
     def filter(self, record: logging.LogRecord) -> bool:

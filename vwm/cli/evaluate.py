@@ -14,7 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from vwm.checkpoint import CheckpointError
 from vwm.eval.protocol import METRICS, PRESETS
+from vwm.eval.runner import EvalOptions, run_evaluation
+from vwm.eval.weights import FeatureWeightsError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,11 +99,6 @@ def _headline(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run, print the summary; returns the exit code (2 for a user error)."""
-    import vwm  # noqa: F401  (torchvision shim before Lightning / open_clip)
-    from vwm.checkpoint import CheckpointError
-    from vwm.eval.runner import EvalOptions, run_evaluation
-    from vwm.eval.weights import FeatureWeightsError
-
     try:
         args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:  # argparse's usage errors (2) and --help (0)

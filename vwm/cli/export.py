@@ -7,6 +7,9 @@ import argparse
 import logging
 import sys
 
+from vwm.cli.common import quiet, run_cli
+from vwm.export import ExportOptions, VerificationError, export_checkpoint
+
 EXIT_USAGE = 2
 """Exit code of a user error (bad arguments, missing file, unusable checkpoint)."""
 EXIT_VERIFICATION = 1
@@ -50,17 +53,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, export, print the summary; returns the exit code (2 for a user error, 1 for a failed
     verification)."""
-    import vwm  # noqa: F401  (torchvision shim before Lightning / DeepSpeed)
-    from vwm.cli.common import quiet, run_cli
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet()
     return run_cli("bin_to_st.py", _main, argv)
 
 
 def _main(argv: list[str]) -> int:
-    from vwm.export import ExportOptions, VerificationError, export_checkpoint
-
     args = vars(parser().parse_args(argv))
     args.pop("debug")
     try:

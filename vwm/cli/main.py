@@ -17,6 +17,9 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from vwm import __version__
+from vwm.resources import shipped_config_dirs
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vwm.cli.train", "train or fine-tune a world model (train.py)"),
     "sample": ("vwm.cli.sample", "videos, long rollouts and rewards from a checkpoint (sample.py)"),
@@ -55,8 +58,6 @@ def _entry(module: str, prog: str) -> Callable[..., int]:
 
 def list_configs() -> int:
     """Print the shipped configs, one per line, with the folder they are read from."""
-    from vwm.resources import shipped_config_dirs
-
     dirs = shipped_config_dirs()
     if not dirs:
         print("vwm: error: no shipped configs found (reinstall vwm)", file=sys.stderr)
@@ -75,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        import vwm
-
-        print(f"vwm {vwm.__version__}")
+        print(f"vwm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

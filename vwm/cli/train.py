@@ -7,8 +7,19 @@ Vista's own flags are understood where they mean something here (`--resume_from_
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
+import os
 import sys
+
+import pytorch_lightning as pl
+
+from vwm.cli.common import quiet, run_cli
+from vwm.config import ConfigError
+from vwm.defaults import SEED
+from vwm.training.dry_run import describe
+from vwm.training.preflight import default_run_name
+from vwm.training.run import TrainOptions, prepare, train
 
 VISTA_FLAGS: dict[str, str] = {
     "-p": "the reference parsed --project and ignored it; name the run with --name (run directory "
@@ -77,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
                    help="accepted for the reference's commands (true); for a check without training use --dry-run")
     p.add_argument("-d", "--debug", action="store_true",
                    help="full tracebacks for errors (also VWM_DEBUG=1); the reference started a debugger")
-    p.add_argument("-s", "--seed", type=int, default=23)
+    p.add_argument("-s", "--seed", type=int, default=SEED)
     p.add_argument("--no_test", type=_bool, default=True, nargs="?", const=True,
                    help="skip the test pass after fitting (default true, as in the reference)")
     p.add_argument("--scale_lr", type=_bool, default=False, nargs="?", const=True,
@@ -98,10 +109,6 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """(arguments for argparse, config overrides): every `a.b=c` token that is not an option's value is an
     override, wherever it stands (also between --base files); `--<Trainer argument> VALUE` (or `=VALUE`) becomes
     `lightning.trainer.<argument>=VALUE`; the reference's dropped flags are errors naming the vwm spelling."""
-    import inspect
-
-    import pytorch_lightning as pl
-
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     ours = {opt for action in parser()._actions for opt in action.option_strings}
     args: list[str] = []
@@ -142,10 +149,6 @@ def _is_option_value(argv: list[str], i: int) -> bool:
 
 def parse(argv: list[str]):
     """Parsed TrainOptions from a command line (reference flags translated, overrides collected)."""
-    from vwm.config import ConfigError
-    from vwm.training.preflight import default_run_name
-    from vwm.training.run import TrainOptions
-
     args_list, overrides = split_arguments(argv)
     p = parser()
     args, rest = p.parse_known_args(args_list)
@@ -167,14 +170,10 @@ def parse(argv: list[str]):
 
 
 def _exists(path: str) -> bool:
-    import os
-
     return os.path.exists(path)
 
 
 def _configure_logging() -> None:
-    from vwm.cli.common import quiet
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = logging.getLogger("vwm.summary")
     summary.propagate = False
@@ -187,26 +186,18 @@ def _configure_logging() -> None:
 
 
 def _main(argv: list[str]) -> int:
-    import vwm  # noqa: F401  (torchvision shim before Lightning)
-
     opts = parse(argv)
     _configure_logging()
     if opts.dry_run:
-        from vwm.training.dry_run import describe
-        from vwm.training.run import prepare
-
         cfg, run_dir, resume = prepare(opts)
         print(describe(cfg, opts, run_dir, resume))
         return 0
-    from vwm.training.run import train
 
     return train(opts)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run training; returns the exit code (2 for a user error, with a one-line message)."""
-    from vwm.cli.common import run_cli
-
     return run_cli("train.py", _main, argv, short_debug=True)
 
 

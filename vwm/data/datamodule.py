@@ -12,28 +12,25 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS, MODALITIES
-from vwm.config import locate
+from vwm.config import REFERENCE_SUBSETS, locate
 from vwm.data.base import BrokenSampleError, Clip
-from vwm.data.video import check_target_size, to_unit_range
+from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID, ClipCollator, finalize_batch
+from vwm.data.stream import ClipSampler, ResumableDataLoader
+from vwm.data.video import check_target_size
+from vwm.defaults import NUM_FRAMES, TRAIN_HEIGHT, TRAIN_WIDTH
 
 log = logging.getLogger(__name__)
 
 Visibility = Literal["rotate", "all"]
-REFERENCE_SUBSETS: dict[str, tuple[str, dict[str, str]]] = {
-    "YouTube": ("vwm.data.opendv.OpenDVSubset",
-                {"data_root": "data/YouTube", "anno_file": "annos/YouTube.json"}),
-    "NuScenes": ("vwm.data.nuscenes.NuScenesSubset",
-                 {"data_root": "data/nuscenes", "anno_file": "annos/nuScenes.json"}),
-}
-"""The reference's subset names and the data roots / annotation files it hard-codes for them."""
 DERIVED_PARAMS = ("num_frames", "target_height", "target_width")
 """Subset constructor arguments the DataModule supplies itself."""
 STATE_VERSION = 2
@@ -62,8 +59,6 @@ class ClipSource(Protocol):
 
 def _plain(value: Any) -> Any:
     if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(value, resolve=True)
     return value
 
@@ -208,144 +203,6 @@ class MultiSourceClips(Dataset):
             f"{'; '.join(self._examples)}. Check data_root / anno_file of the subsets")
 
 
-class ClipCollator:
-    """Stack dataset items into the batch contract (frames left uint8 unless `convert`); items from a latent
-    cache give `latent_moments` (B,T,2C,h,w) and the condition frame instead of `img_seq`."""
-
-    def __init__(self, *, convert: bool, cond_aug: float, fps_id: int, motion_bucket_id: int, seed: int):
-        self.convert = convert
-        self.cond_aug = cond_aug
-        self.fps_id = fps_id
-        self.motion_bucket_id = motion_bucket_id
-        self.seed = seed
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        size = len(items)
-        if "moments" in items[0]:
-            batch: dict[str, torch.Tensor] = {
-                "latent_moments": torch.stack([it["moments"] for it in items]),
-                "cond_frames_without_noise": torch.stack([it["frames"][0] for it in items])}
-        else:
-            batch = {"img_seq": torch.stack([it["frames"] for it in items])}
-        mask = torch.zeros(size, len(ACTION_KEYS), dtype=torch.bool)
-        for i, key in enumerate(ACTION_KEYS):
-            values = torch.zeros(size, ACTION_FEATURES[key], dtype=torch.float32)
-            for b, item in enumerate(items):
-                if key in item["actions"]:
-                    values[b] = item["actions"][key]
-                    mask[b, i] = True
-            batch[key] = values
-        batch["action_mask"] = mask
-        batch["n_skipped"] = torch.tensor([it["n_skipped"] for it in items], dtype=torch.long)
-        batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
-        batch["cond_aug"] = torch.full((size,), self.cond_aug, dtype=torch.float32)
-        batch["fps_id"] = torch.full((size,), float(self.fps_id), dtype=torch.float32)
-        batch["motion_bucket_id"] = torch.full((size,), float(self.motion_bucket_id), dtype=torch.float32)
-        return finalize_batch(batch, cond_aug=self.cond_aug, seed=self.seed) if self.convert else batch
-
-
-def finalize_batch(batch: dict[str, torch.Tensor], *, cond_aug: float = 0.0, seed: int = 0
-                   ) -> dict[str, torch.Tensor]:
-    """uint8 `img_seq` -> [-1, 1] float32 plus `cond_frames_without_noise` (frame 0) and `cond_frames`
-    (frame 0 + cond_aug * noise, noise seeded by the batch's sample ids); a latent-cache batch (no
-    `img_seq`) has only its uint8 `cond_frames_without_noise` converted; a batch already in floats is returned
-    unchanged."""
-    if "img_seq" in batch:
-        if batch["img_seq"].dtype != torch.uint8:
-            return batch
-        video = to_unit_range(batch["img_seq"])
-        first = video[:, 0].clone()
-        batch["img_seq"] = video
-    else:
-        if batch["cond_frames_without_noise"].dtype != torch.uint8:
-            return batch
-        first = to_unit_range(batch["cond_frames_without_noise"])
-    batch["cond_frames_without_noise"] = first
-    if cond_aug == 0.0:
-        batch["cond_frames"] = first.clone()
-    else:
-        ids = batch["sample_id"].tolist()
-        generator = torch.Generator(device=first.device)
-        generator.manual_seed(hash((seed, *map(tuple, ids))) & (2**63 - 1))
-        noise = torch.randn(first.shape, generator=generator, device=first.device, dtype=first.dtype)
-        batch["cond_frames"] = first + cond_aug * noise
-    return batch
-
-
-class ClipSampler(DistributedSampler):
-    """Per-rank stream of (epoch, position) keys. A cursor (epoch, position) says how many stream positions of the
-    epoch all ranks together consumed; from it rank r takes positions position + k * world_size + r, padded to
-    whole batches (every rank runs the same number of steps). The cursor is the same for any world size, so a run
-    resumed on another number of processes continues the stream where it stopped. An iteration runs to the end of
-    that epoch. With `consumption_tracked` (a trainer marks the batches its steps receive) only that moves the
-    cursor: DataLoader workers draw indices ahead, and an epoch the trainer ends early (its batch count restored
-    from a run on more ranks, `limit_train_batches`) must not be skipped because its last indices were drawn.
-    Otherwise drawing an epoch to its end moves the cursor to the next one. A DistributedSampler subclass so
-    Lightning keeps it instead of wrapping it in its own."""
-
-    def __init__(self, dataset: MultiSourceClips, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 start_epoch: int = 0, start_position: int = 0, consumption_tracked: bool = False):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        self.batch_size = batch_size
-        self.batches_per_epoch = math.ceil(self.num_samples / batch_size)
-        self.num_samples = self.batches_per_epoch * batch_size
-        self.total_size = self.num_samples * world_size
-        self.consumption_tracked = consumption_tracked
-        self.set_start(start_epoch, start_position)
-
-    def set_start(self, epoch: int, position: int) -> None:
-        """Move the cursor: the next iteration starts at stream position `position` of `epoch` (a position at or
-        past the epoch's end is the start of the next epoch)."""
-        if position >= len(self.dataset):
-            epoch, position = epoch + 1, 0
-        self.start_epoch, self.start_position, self.epoch = epoch, position, epoch
-
-    def remaining(self) -> int:
-        """Samples this rank draws from the cursor to the end of its epoch (whole batches)."""
-        left = math.ceil((len(self.dataset) - self.start_position) / self.num_replicas)
-        return math.ceil(left / self.batch_size) * self.batch_size
-
-    def mark_consumed(self, epoch: int, position: int) -> None:
-        """Move the cursor after the batch whose last sample on this rank is (epoch, position): every rank
-        consumed the stream up to that sample's row of `world_size` positions."""
-        self.set_start(epoch, position - self.rank + self.num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Ignored: the cursor, not the trainer's epoch counter, fixes which data comes next, so a resumed run
-        continues the same stream even where the trainer counts epochs differently after a restore."""
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, start = self.start_epoch, self.start_position
-        for k in range(self.remaining()):
-            yield epoch, start + k * self.num_replicas + self.rank
-        if not self.consumption_tracked:
-            self.set_start(epoch + 1, 0)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning treats as resumable: its state is the data position, restored into the
-    ClipSampler before the first batch is drawn (this also silences Lightning's mid-epoch resume warning)."""
-
-    def __init__(self, *args: Any, position_fn: Callable[[], tuple[int, int]], **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.position_fn = position_fn
-
-    def state_dict(self) -> dict[str, int]:
-        """The (epoch, stream positions consumed) data position reported by the DataModule."""
-        epoch, position = self.position_fn()
-        return {"epoch": epoch, "position": position}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Start the sampler at a saved position. A state written before the cursor counted stream positions
-        ({epoch, batches_consumed}) is left to the DataModule's own state, which Lightning restores first and
-        which knows the world size it was saved with."""
-        if "position" in state_dict:
-            self.sampler.set_start(state_dict["epoch"], state_dict["position"])
-
-
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
     _ignore_preemption_signals()
@@ -382,11 +239,11 @@ class VideoDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2, shuffle: bool = True,
                  subsets: Sequence[str | Mapping[str, Any] | ClipSource] | None = None,
                  probs: Sequence[float] | None = None, samples_per_epoch: int | None = None,
-                 target_height: int = 320, target_width: int = 576, num_frames: int = 25,
+                 target_height: int = TRAIN_HEIGHT, target_width: int = TRAIN_WIDTH, num_frames: int = NUM_FRAMES,
                  seed: int | None = None, action_visibility: Visibility = "rotate", pin_memory: bool = True,
                  persistent_workers: bool = True, timeout: float = 600.0, max_consecutive_failures: int = 16,
                  max_failure_fraction: float = 0.1, convert_on_device: bool = True, cond_aug: float = 0.0,
-                 fps_id: int = 9, motion_bucket_id: int = 127):
+                 fps_id: int = FPS_ID, motion_bucket_id: int = MOTION_BUCKET_ID):
         super().__init__()
         subsets, probs = _plain(subsets), _plain(probs)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -506,8 +363,7 @@ class VideoDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self._sampler, num_workers=self.num_workers,
             collate_fn=ClipCollator(convert=not self.convert_on_device, cond_aug=self.cond_aug,
-                                    fps_id=self.fps_id, motion_bucket_id=self.motion_bucket_id,
-                                    seed=self.seed or 0),
+                                    fps_id=self.fps_id, motion_bucket_id=self.motion_bucket_id),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=self.persistent_workers and workers, timeout=self.timeout if workers else 0.0,
@@ -530,8 +386,9 @@ class VideoDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int
                                 ) -> dict[str, torch.Tensor]:
-        """Convert uint8 frames to the contract's [-1, 1] floats on the training device."""
-        return finalize_batch(batch, cond_aug=self.cond_aug, seed=self.seed or 0)
+        """Convert uint8 frames to the contract's [-1, 1] floats on the training device (when the workers did not:
+        `convert_on_device`)."""
+        return finalize_batch(batch) if self.convert_on_device else batch
 
     # ---------------------------------------------------------------- resumability
 

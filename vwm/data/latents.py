@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,8 +22,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vwm.actions import ACTION_KEYS
+from vwm.checkpoint.formats import read_state_dict
+from vwm.checkpoint.keys import key_diff
+from vwm.cli.common import run_cli
+from vwm.config import instantiate, load_config
 from vwm.data.base import BrokenSampleError, Clip
+from vwm.data.datamodule import VideoDataModule, build_subset
 from vwm.data.video import to_unit_range
+from vwm.dtypes import DTYPES, DtypeName
+from vwm.fsio import honour_umask
+from vwm.models.autoencoder import DiagonalGaussianRegularizer
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +40,6 @@ FORMAT_VERSION = 2
 """2: clips that a subset repeats (nuScenes re-balancing) are stored once (`clips.stored`); 1 is still read."""
 READABLE_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
-MomentsDType = Literal["fp32", "bf16", "fp16"]
-MOMENTS_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""`--dtype` choices: the storage dtype of the cached moments."""
 FIRST_STAGE_PREFIX = "first_stage_model."
 
 
@@ -62,9 +66,6 @@ def shard_file(number: int) -> str:
 def load_first_stage(cfg: DictConfig, ckpt: str | None) -> nn.Module:
     """The config's `model.params.first_stage_config` VAE in eval mode, with the `first_stage_model.*` tensors
     of `ckpt` loaded strictly (random weights when `ckpt` is None)."""
-    from vwm.config import instantiate
-    from vwm.models.autoencoder import DiagonalGaussianRegularizer
-
     node = OmegaConf.select(cfg, "model.params.first_stage_config")
     if node is None:
         raise ValueError("the config has no model.params.first_stage_config: pass the training config "
@@ -80,18 +81,13 @@ def load_first_stage(cfg: DictConfig, ckpt: str | None) -> nn.Module:
         log.warning("no --ckpt: the first stage has random weights; only a model with these exact weights "
                     "(identity %s) can train from this cache", first_stage_identity(first_stage))
     else:
-        from vwm.checkpoint import read_state_dict
-
         state = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in read_state_dict(ckpt)[0].items()
                  if k.startswith(FIRST_STAGE_PREFIX)}
-        expected = first_stage.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        reshaped = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
-        if not state or missing or unexpected or reshaped:
+        diff = key_diff(first_stage.state_dict(), state)
+        if not state or not diff.ok:
             raise ValueError(f"--ckpt {ckpt!r}: its {FIRST_STAGE_PREFIX}* tensors do not fit "
-                             f"model.params.first_stage_config ({len(state)} found; missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shape {reshaped[:5]})")
+                             f"model.params.first_stage_config ({len(state)} found; missing {diff.missing[:5]}, "
+                             f"unexpected {diff.unexpected[:5]}, wrong shape {diff.wrong_shape[:5]})")
         first_stage.load_state_dict(state)
     return first_stage.eval().requires_grad_(False)
 
@@ -107,8 +103,6 @@ def encode_moments(first_stage: nn.Module, frames: torch.Tensor, frames_per_call
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: str) -> None:
-    from vwm.export import honour_umask
-
     save_file(tensors, path, metadata={"format": FORMAT})
     honour_umask(path)
 
@@ -121,9 +115,6 @@ def _write_atomic(path: str, write: Any) -> int:
 
 
 def _data_sources(cfg: DictConfig) -> tuple[Any, list[Any], list[Any]]:
-    from vwm.config import instantiate
-    from vwm.data.datamodule import VideoDataModule, build_subset
-
     if "data" not in cfg:
         raise ValueError("the config has no data section (data.target / data.params): the cache encodes "
                          "its subsets")
@@ -142,14 +133,14 @@ def _data_sources(cfg: DictConfig) -> tuple[Any, list[Any], list[Any]]:
 
 
 def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard_size: int = 64,
-                device: str = "cpu", dtype: MomentsDType = "fp32", frames_per_call: int | None = None
+                device: str = "cpu", dtype: DtypeName = "fp32", frames_per_call: int | None = None
                 ) -> dict[str, Any]:
     """Encode every clip of the config's data subsets into `out_dir` (shards, then index.json); return the
     index."""
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard_size={shard_size!r} must be an integer >= 1")
-    if dtype not in MOMENTS_DTYPES:
-        raise ValueError(f"--dtype={dtype!r} must be one of {list(MOMENTS_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype!r} must be one of {list(DTYPES)}")
     if frames_per_call is not None and frames_per_call < 1:
         raise ValueError(f"--frames_per_call={frames_per_call!r} must be >= 1")
     if any(os.path.exists(os.path.join(out_dir, name)) for name in (INDEX_FILE, shard_file(0))):
@@ -203,7 +194,7 @@ def build_cache(cfg: DictConfig, out_dir: str, *, ckpt: str | None = None, shard
             if tuple(clip.frames.shape) != (num_frames, 3, height, width) or clip.frames.dtype != torch.uint8:
                 raise ValueError(f"subset {s} returned frames {tuple(clip.frames.shape)} {clip.frames.dtype} "
                                  f"for index {index}; expected uint8 {(num_frames, 3, height, width)}")
-            moments = encode_moments(first_stage, clip.frames, chunk, device).to("cpu", MOMENTS_DTYPES[dtype])
+            moments = encode_moments(first_stage, clip.frames, chunk, device).to("cpu", DTYPES[dtype])
             latent_shape = latent_shape or list(moments.shape)
             number = len(clips["source"])
             stored_at[key] = number
@@ -305,7 +296,7 @@ class LatentCacheSubset:
         self.num_frames, self.target_height, self.target_width = num_frames, target_height, target_width
         self.weights = index["first_stage"]["weights"]
         self.latent_shape = tuple(index["latent_shape"])
-        self.moments_dtype = MOMENTS_DTYPES[index["moments_dtype"]]
+        self.moments_dtype = DTYPES[index["moments_dtype"]]
         self._sources = index["clips"]["source"]
         self._stored = index["clips"].get("stored") or list(range(len(self._sources)))
         self._clips = [i for i, s in enumerate(index["clips"]["subset"]) if subset is None or s == subset]
@@ -361,7 +352,7 @@ def parser(prog: str = "python -m vwm.data.latents") -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="cache directory to create")
     build.add_argument("--shard_size", type=int, default=64, help="clips per shard file")
     build.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    build.add_argument("--dtype", choices=list(MOMENTS_DTYPES), default="fp32",
+    build.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                        help="storage dtype of the moments")
     build.add_argument("--frames_per_call", type=int, default=None,
                        help="frames per encoder call (default: model.params.en_and_decode_n_samples_a_time)")
@@ -371,8 +362,6 @@ def parser(prog: str = "python -m vwm.data.latents") -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from vwm.config import load_config
-
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
@@ -391,8 +380,6 @@ def _build(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.latents") -> int:
     """CLI: `python -m vwm.data.latents build --config CFG [--ckpt W] --out DIR [options] [a.b=c ...]`; exit code
     2 with a one-line message for a user error."""
-    from vwm.cli.common import run_cli
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_cli(prog, lambda a: _build(parser(prog).parse_args(a)), argv)
 

@@ -17,13 +17,18 @@ import numpy as np
 import torch
 
 from vwm.actions import (
-    ACTION_FEATURES, ACTION_KEYS, COMMANDS, GOAL_IMAGE_SIZE, STEERING_WHEEL_RANGE_DEG, command_from_endpoint,
+    ACTION_FEATURES,
+    ACTION_KEYS,
+    COMMANDS,
+    GOAL_IMAGE_SIZE,
+    STEERING_WHEEL_RANGE_DEG,
+    command_from_endpoint,
     key_frame_indices,
 )
+from vwm.cli.common import run_cli
 from vwm.data.base import Clip
-from vwm.data.video import (
-    MediaRoot, check_target_size, load_image_sequence, read_json_list, summarize_rejections,
-)
+from vwm.data.video import MediaRoot, check_target_size, load_image_sequence, read_json_list, summarize_rejections
+from vwm.defaults import NUM_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ class NuScenesSubset:
     """nuScenes CAM_FRONT clips with trajectory / command / speed / angle / goal actions (annotation JSON)."""
 
     def __init__(self, data_root: str = "data/nuscenes",
-                 anno_file: str | Sequence[str] = "annos/nuScenes.json", *, num_frames: int = 25,
+                 anno_file: str | Sequence[str] = "annos/nuScenes.json", *, num_frames: int = NUM_FRAMES,
                  target_height: int = 320, target_width: int = 576, turn_repeat: int = 5,
                  complete_repeat: int = 2, jpeg_draft: bool = True, strict: bool = False):
         check_target_size(target_height, target_width)
@@ -220,7 +225,7 @@ def clip_annotation(nusc: Any, key_tokens: Sequence[str], frames: Sequence[str],
             "speed": speed, "angle": angle, "goal": goal, "z": z}
 
 
-def build_annotations(nusc: Any, can_bus: Any, scene_names: Sequence[str], num_frames: int = 25
+def build_annotations(nusc: Any, can_bus: Any, scene_names: Sequence[str], num_frames: int = NUM_FRAMES
                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Annotation entries for every key frame of the given scenes that starts a full clip, plus statistics."""
     wanted = set(scene_names)
@@ -305,7 +310,7 @@ def parser(prog: str = "python -m vwm.data.nuscenes") -> argparse.ArgumentParser
     build.add_argument("--split", default="train",
                        help="a nuscenes-devkit split (train, val, mini_train, ...) or 'all'")
     build.add_argument("--out", required=True)
-    build.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=25)
+    build.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=NUM_FRAMES)
     build.add_argument("--can_bus_root", "--can-bus-root", dest="can_bus_root", default=None,
                        help="folder holding can_bus/ (default: --data_root)")
     build.add_argument("--no_can_bus", "--no-can-bus", dest="no_can_bus", action="store_true",
@@ -317,8 +322,6 @@ def parser(prog: str = "python -m vwm.data.nuscenes") -> argparse.ArgumentParser
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.nuscenes") -> int:
     """CLI: `python -m vwm.data.nuscenes build --data_root D --version V --split S --out F`; exit code 2 with a
     one-line message for a user error."""
-    from vwm.cli.common import run_cli
-
     return run_cli(prog, lambda a: _build(parser(prog).parse_args(a)), argv)
 
 

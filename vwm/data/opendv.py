@@ -19,11 +19,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vwm.cli.common import run_cli
 from vwm.data.base import BrokenSampleError, Clip
 from vwm.data.video import (
-    IMAGE_EXTENSIONS, MediaRoot, VideoInfo, check_target_size, decode_video, load_image_sequence, probe_video,
-    read_json_list, summarize_rejections,
+    IMAGE_EXTENSIONS,
+    MediaRoot,
+    VideoInfo,
+    check_target_size,
+    decode_video,
+    load_image_sequence,
+    probe_video,
+    read_json_list,
+    summarize_rejections,
 )
+from vwm.defaults import NUM_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +48,7 @@ class OpenDVSubset:
     """OpenDV-YouTube clips of `num_frames` consecutive frames from frame folders or videos (no actions)."""
 
     def __init__(self, data_root: str = "data/YouTube",
-                 anno_file: str | Sequence[str] | None = "annos/YouTube.json", *, num_frames: int = 25,
+                 anno_file: str | Sequence[str] | None = "annos/YouTube.json", *, num_frames: int = NUM_FRAMES,
                  target_height: int = 320, target_width: int = 576, stride: int = 1,
                  video_fps: float | None = OPENDV_FPS, jpeg_draft: bool = True, strict: bool = False):
         check_target_size(target_height, target_width)
@@ -204,7 +213,7 @@ def _consecutive_runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def scan_annotations(data_root: str, *, num_frames: int = 25, stride: int = 1,
+def scan_annotations(data_root: str, *, num_frames: int = NUM_FRAMES, stride: int = 1,
                      video_fps: float | None = OPENDV_FPS) -> list[dict[str, Any]]:
     """Annotation entries (reference schema, plus `video` entries) for every clip found by scanning a tree."""
     subset = OpenDVSubset(data_root, None, num_frames=num_frames, stride=stride, video_fps=video_fps)
@@ -225,7 +234,7 @@ def parser(prog: str = "python -m vwm.data.opendv") -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="scan frame folders and videos, write annotation JSON")
     index.add_argument("--data_root", "--data-root", "--dataroot", dest="data_root", required=True)
     index.add_argument("--out", required=True)
-    index.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=25)
+    index.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=NUM_FRAMES)
     index.add_argument("--stride", type=int, default=1)
     index.add_argument("--video_fps", "--video-fps", dest="video_fps", type=float, default=OPENDV_FPS)
     index.add_argument("--debug", action="store_true", help="full tracebacks for errors (also VWM_DEBUG=1)")
@@ -244,8 +253,6 @@ def _index(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m vwm.data.opendv") -> int:
     """CLI: `python -m vwm.data.opendv index --data_root D --out F` writes the scanned clips as JSON; exit code 2
     with a one-line message for a user error."""
-    from vwm.cli.common import run_cli
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_cli(prog, lambda a: _index(parser(prog).parse_args(a)), argv)
 

@@ -15,13 +15,14 @@ import torch
 from vwm.actions import ACTION_FEATURES, COMMANDS, STEERING_WHEEL_RANGE_DEG
 from vwm.data.base import Clip
 from vwm.data.video import check_target_size
+from vwm.defaults import NUM_FRAMES
 
 
 class RandomClips:
     """`length` clips of uniform random uint8 frames with plausible, normalised actions (as the nuScenes reader
     produces them: trajectory metres, speed m/s, steering / 780, goal / image size, a command code)."""
 
-    def __init__(self, length: int = 10_000, *, num_frames: int = 25, target_height: int = 320,
+    def __init__(self, length: int = 10_000, *, num_frames: int = NUM_FRAMES, target_height: int = 320,
                  target_width: int = 576, seed: int = 0):
         check_target_size(target_height, target_width)
         if not isinstance(length, int) or isinstance(length, bool) or length < 1:

@@ -74,9 +74,9 @@ class Denoiser(nn.Module):
     Holds no parameters; the network is passed in, so the same object serves the live and the EMA model.
     """
 
-    def __init__(self, scaling_config: Scaling):
+    def __init__(self, scaling: Scaling):
         super().__init__()
-        self.scaling = scaling_config
+        self.scaling = scaling
 
     def forward(
         self,

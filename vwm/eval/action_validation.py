@@ -24,30 +24,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vwm.data.nuscenes import NuScenesSubset
+from vwm.data.toyworld import CAMERA, STEERING_RATIO, ToyWorldSubset, WHEELBASE_M
+from vwm.defaults import NUM_FRAMES
 from vwm.eval.action_score import agreement, score_motion, spearman
-from vwm.eval.egomotion import NUSCENES_CAM_FRONT, Intrinsics, estimate_ego_motion
+from vwm.eval.egomotion import Intrinsics, NUSCENES_CAM_FRONT, estimate_ego_motion
 
 
 def toy_true_yaw(speeds: np.ndarray, steering_deg: np.ndarray, fps: float) -> np.ndarray:
     """Yaw (deg) of each frame step of a toy-world rollout: the bicycle model's v dt tan(wheel) / wheelbase."""
-    from vwm.data.toyworld import STEERING_RATIO, WHEELBASE_M
-
     wheel = np.radians(np.asarray(steering_deg[:-1], dtype=np.float64) / STEERING_RATIO)
     return np.degrees(np.asarray(speeds[:-1], dtype=np.float64) / fps * np.tan(wheel) / WHEELBASE_M)
 
 
 def toy_intrinsics(height: int, width: int) -> Intrinsics:
     """The toy-world camera's intrinsics in pixels of a height x width frame."""
-    from vwm.data.toyworld import CAMERA
-
     focal, cx, cy = CAMERA.scaled(height, width)
     return Intrinsics(focal, focal, cx, cy)
 
 
 def validate_toy(clips: int, frames: int, height: int, width: int, seed: int = 7) -> dict:
     """Agreement of the estimate with the exact toy-world yaw and with the trajectory annotations."""
-    from vwm.data.toyworld import ToyWorldSubset
-
     subset = ToyWorldSubset(frames, height, width, length=clips, seed=seed, policy="explore")
     intrinsics = toy_intrinsics(height, width)
     true_final, est_final, step_errors, scores = [], [], [], []
@@ -78,10 +75,8 @@ def validate_toy(clips: int, frames: int, height: int, width: int, seed: int = 7
 
 
 def validate_nuscenes(data_root: str, anno_file: str, limit: int | None, height: int, width: int,
-                      frames: int = 25) -> dict:
+                      frames: int = NUM_FRAMES) -> dict:
     """Agreement of the estimate on real nuScenes clips with their own trajectories."""
-    from vwm.data.nuscenes import NuScenesSubset
-
     subset = NuScenesSubset(data_root, anno_file, num_frames=frames, target_height=height, target_width=width,
                             turn_repeat=1, complete_repeat=1, jpeg_draft=False)
     intrinsics = Intrinsics.from_full_frame(NUSCENES_CAM_FRONT, height, width)

@@ -2,7 +2,6 @@
 and log the action-following score and small-sample FID / FVD (TensorBoard and `<run>/eval/metrics.jsonl`).
 
 Registered like any callback of the config (docs/evaluation.md):
-
     lightning:
       callbacks:
         evaluation:
@@ -35,12 +34,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from vwm.data.datamodule import build_subset
 from vwm.eval.action_score import agreement, turn_label
-from vwm.eval.egomotion import NUSCENES_CAM_FRONT, Intrinsics
+from vwm.eval.action_validation import toy_intrinsics
+from vwm.eval.egomotion import Intrinsics, NUSCENES_CAM_FRONT
 from vwm.eval.features import FeatureNetworks, build_feature_networks
 from vwm.eval.frechet import RunningStats, feature_distance
+from vwm.eval.generate import InPlacePlacement, generate
 from vwm.eval.i3d import MIN_FRAMES
 from vwm.eval.protocol import METRICS, Protocol
+from vwm.eval.runner import measure
 from vwm.eval.weights import I3D, INCEPTION, verify_file
 
 log = logging.getLogger(__name__)
@@ -96,8 +99,6 @@ class EvaluationCallback(pl.Callback):
     # -------------------------------------------------------------------------------------------- setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from vwm.data.datamodule import build_subset
-
         dm = trainer.datamodule
         height = self.height or getattr(dm, "target_height", None)
         width = self.width or getattr(dm, "target_width", None)
@@ -131,8 +132,6 @@ class EvaluationCallback(pl.Callback):
         assert self.protocol is not None
         h, w = self.protocol.height, self.protocol.width
         if self.camera == "toy" and self.intrinsics_full is None:
-            from vwm.eval.action_validation import toy_intrinsics
-
             return toy_intrinsics(h, w)
         return Intrinsics.from_full_frame(tuple(self.intrinsics_full or NUSCENES_CAM_FRONT), h, w)
 
@@ -156,8 +155,6 @@ class EvaluationCallback(pl.Callback):
     # -------------------------------------------------------------------------------------------- work
 
     def _measure_real(self, indices: list[int], intrinsics: Intrinsics, nets: FeatureNetworks) -> None:
-        from vwm.eval.runner import measure
-
         assert self.protocol is not None
         for i in indices:
             if i not in self._real:
@@ -206,9 +203,6 @@ class EvaluationCallback(pl.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Generate and measure this rank's share of the clips, gather, and (rank 0) log; returns the metrics."""
-        from vwm.eval.generate import InPlacePlacement, generate
-        from vwm.eval.runner import measure
-
         assert self.protocol is not None, "setup() has not run"
         start = time.perf_counter()
         rank, world = trainer.global_rank, max(1, trainer.world_size)

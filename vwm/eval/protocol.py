@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from vwm.defaults import SAMPLING_STEPS, SEED
 from vwm.eval.i3d import MIN_FRAMES
 
 Dataset = Literal["NUSCENES", "TOY"]
@@ -35,13 +36,13 @@ class Protocol:
     action: str = "free"
     """sample.py --action modality shown to the model: free (none), traj, cmd, steer, goal."""
     n_conds: int = 1
-    n_steps: int = 50
+    n_steps: int = SAMPLING_STEPS
     cfg_scale: float = 2.5
     guider: str | None = None
     sampler: str = "euler"
     sigma_min: float = 0.002
     sigma_max: float = 700.0
-    seed: int = 23
+    seed: int = SEED
     fid_skip_frames: int = 1
     """Leading frames left out of FID (the condition frames: they are the input, not a prediction)."""
     fid_normalize: str = "torchmetrics"

@@ -11,6 +11,7 @@ finds every clip done writes summary.json; `--summarize_only` recomputes it from
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -22,14 +23,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from vwm.data.base import Clip
+from vwm.data.nuscenes import NuScenesSubset
+from vwm.data.toyworld import ToyWorldSubset
 from vwm.eval import store as st
 from vwm.eval.action_score import score_clip
-from vwm.eval.egomotion import NUSCENES_CAM_FRONT, Intrinsics
+from vwm.eval.action_validation import toy_intrinsics
+from vwm.eval.egomotion import Intrinsics, NUSCENES_CAM_FRONT
 from vwm.eval.features import FeatureNetworks, build_feature_networks
+from vwm.eval.generate import generate
 from vwm.eval.protocol import PRESETS, Protocol
 from vwm.eval.weights import sha256_of
+from vwm.media import write_mp4
+from vwm.rollout import Placement
+from vwm.sampling.model import configured_frames, load_model, model_config
+from vwm.sampling.options import SampleOptions
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +126,10 @@ def open_dataset(protocol: Protocol, opts: EvalOptions, num_frames: int) -> Any:
                                   ("anno_file", opts.anno_file, os.path.isfile)):
             if not check(path):
                 raise FileNotFoundError(f"--{flag}={path!r} does not exist")
-        from vwm.data.nuscenes import NuScenesSubset
 
         return NuScenesSubset(opts.data_root, opts.anno_file, num_frames=num_frames,
                               target_height=protocol.height, target_width=protocol.width, turn_repeat=1,
                               complete_repeat=1, jpeg_draft=False)
-    from vwm.data.toyworld import ToyWorldSubset
 
     return ToyWorldSubset(num_frames, protocol.height, protocol.width, length=TOY_CLIPS, seed=opts.toy_seed)
 
@@ -129,8 +137,6 @@ def open_dataset(protocol: Protocol, opts: EvalOptions, num_frames: int) -> Any:
 def intrinsics_of(protocol: Protocol, opts: EvalOptions) -> Intrinsics:
     """The camera intrinsics of the evaluation frames (for the action score)."""
     if protocol.dataset == "TOY" and opts.intrinsics is None:
-        from vwm.eval.action_validation import toy_intrinsics
-
         return toy_intrinsics(protocol.height, protocol.width)
     full = tuple(opts.intrinsics) if opts.intrinsics is not None else NUSCENES_CAM_FRONT
     if len(full) != 4:
@@ -177,8 +183,6 @@ def _identity(protocol: Protocol, opts: EvalOptions, nets_weights: dict[str, str
 
 
 def _check_run_file(path: str, identity: dict[str, Any]) -> None:
-    import json
-
     if not os.path.isfile(path):
         st.atomic_write_json(path, identity)
         return
@@ -193,8 +197,6 @@ def _check_run_file(path: str, identity: dict[str, Any]) -> None:
 
 def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
     """Evaluate this process's shard, then summarise if every clip is done; returns the summary or a status."""
-    from vwm.cli.sample import configured_frames
-
     protocol = resolve_protocol(opts)
     rank, world, local_rank = shard_of_environment()
     device = resolve_device(opts.device, local_rank)
@@ -240,8 +242,6 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any]:
 
 
 def _model_config(opts: EvalOptions) -> Any:
-    from vwm.cli.sample import SampleOptions, model_config
-
     if opts.ckpt is None:
         raise ValueError("--ckpt is required: the weights of the model to evaluate")
     if not os.path.exists(opts.ckpt):
@@ -253,12 +253,6 @@ def _model_config(opts: EvalOptions) -> Any:
 def _evaluate_shard(opts: EvalOptions, protocol: Protocol, cfg: Any, dataset: Any, names: list[str],
                     pending: list[int], generated: st.ClipStore, real: st.ClipStore, nets: FeatureNetworks,
                     intrinsics: Intrinsics, device: torch.device, rank: int, world: int) -> None:
-    from tqdm import tqdm
-
-    from vwm.cli.sample import SampleOptions, load_model
-    from vwm.eval.generate import generate
-    from vwm.rollout import Placement
-
     model = load_model(SampleOptions(ckpt=opts.ckpt, config=opts.config), cfg)
     compile_unet = opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
     placement = Placement(model, device, low_vram=opts.low_vram, compile_unet=compile_unet)
@@ -292,8 +286,6 @@ def _evaluate_shard(opts: EvalOptions, protocol: Protocol, cfg: Any, dataset: An
             seconds.update(generate=gen_s / len(batch), load=load_s / size)
             seconds["clip"] = seconds["generate"] + seconds["features"] + seconds["action"]
             if opts.save_videos:
-                from vwm.media import write_mp4
-
                 write_mp4(video.permute(0, 2, 3, 1).numpy(), os.path.join(opts.out, "videos", f"{names[i]}.mp4"))
             record = {"name": names[i], "index": i, "source": clip.source, "action": action,
                       "seconds": {k: round(v, 4) for k, v in seconds.items()},

@@ -16,9 +16,9 @@ none; a clip is generated again only if its record is missing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,23 +26,7 @@ import numpy as np
 
 from vwm.eval.action_score import agreement
 from vwm.eval.frechet import RunningStats, feature_distance
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from vwm.fsio import atomic_write_bytes
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -52,8 +36,6 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 def atomic_write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed npz written atomically."""
-    import io
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from vwm.checkpoint import CheckpointError, read_state_dict
+from vwm.checkpoint.keys import key_diff
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,11 @@ def load_into(module: nn.Module, path: str, spec: PublishedWeights) -> None:
         state, _ = read_state_dict(path)
     except CheckpointError as err:
         raise FeatureWeightsError(f"{spec.flag}: {err}; {_where(spec)}") from err
-    own = module.state_dict()
-    missing = sorted(k for k in own if k not in state and not k.endswith(ALLOWED_MISSING_SUFFIXES))
-    unexpected = sorted(k for k in state if k not in own)
-    wrong = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or wrong:
+    diff = key_diff(module.state_dict(), state, may_miss=lambda key: key.endswith(ALLOWED_MISSING_SUFFIXES))
+    if not diff.ok:
         parts = [f"{name} {len(keys)}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 for name, keys in (("missing", diff.missing), ("unexpected", diff.unexpected),
+                                   ("wrong shape", diff.wrong_shape))
                  if keys]
         raise FeatureWeightsError(f"{spec.flag}={path!r} does not hold {spec.network} weights ({'; '.join(parts)})"
                                   f"; {_where(spec)}")

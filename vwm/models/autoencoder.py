@@ -21,7 +21,7 @@ from vwm.models.layers import GroupNorm32, temporal_conv
 
 AttnType = Literal["vanilla", "vanilla-xformers", "none"]
 """Mid-block attention: "vanilla" and "vanilla-xformers" both mean single-head SDPA here; "none" skips it."""
-MergeStrategy = Literal["learned", "fixed"]
+DecoderMergeStrategy = Literal["learned", "fixed"]
 TimeMode = Literal["conv-only"]
 
 _ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
@@ -82,7 +82,7 @@ def _make_attn(channels: int, attn_type: AttnType) -> nn.Module:
     return nn.Identity() if attn_type == "none" else AttnBlock(channels)
 
 
-class Downsample(nn.Module):
+class EncoderDownsample(nn.Module):
     """Halve the resolution: zero-pad right/bottom by one, then a stride-2 3x3 conv (or 2x2 avg pooling)."""
 
     def __init__(self, channels: int, with_conv: bool = True):
@@ -96,7 +96,7 @@ class Downsample(nn.Module):
         return F.avg_pool2d(x, 2)
 
 
-class Upsample(nn.Module):
+class DecoderUpsample(nn.Module):
     """Double the resolution: nearest-neighbour x2, then a 3x3 conv."""
 
     def __init__(self, channels: int, with_conv: bool = True):
@@ -148,7 +148,7 @@ class Encoder(nn.Module):
                 if res in attn_resolutions:
                     stage.attn.append(_make_attn(block_in, attn_type))
             if level != len(ch_mult) - 1:
-                stage.downsample = Downsample(block_in, resamp_with_conv)
+                stage.downsample = EncoderDownsample(block_in, resamp_with_conv)
                 res //= 2
             self.down.append(stage)
         self.mid = nn.Module()
@@ -215,7 +215,7 @@ class Decoder(nn.Module):
                 if res in attn_resolutions:
                     stage.attn.append(_make_attn(block_in, attn_type))
             if level != 0:
-                stage.upsample = Upsample(block_in, resamp_with_conv)
+                stage.upsample = DecoderUpsample(block_in, resamp_with_conv)
                 res *= 2
             stages.append(stage)
         self.up = nn.ModuleList(reversed(stages))  # up[i] is resolution level i, as in the reference
@@ -272,7 +272,7 @@ class TimeStackBlock(nn.Module):
         return x + self.out_layers(self.in_layers(x))
 
 
-class VideoResBlock(ResnetBlock):
+class DecoderVideoResBlock(ResnetBlock):
     """Spatial ResnetBlock per frame, then a temporal block blended in: a·temporal + (1-a)·spatial.
 
     a = sigmoid(mix_factor) ("learned") or mix_factor ("fixed"). Note the VAE weights the *temporal* branch by
@@ -286,7 +286,7 @@ class VideoResBlock(ResnetBlock):
         dropout: float,
         video_kernel_size: int | Sequence[int],
         alpha: float,
-        merge_strategy: MergeStrategy,
+        merge_strategy: DecoderMergeStrategy,
     ):
         super().__init__(in_channels, out_channels, dropout)
         self.time_stack = TimeStackBlock(out_channels, video_kernel_size, dropout)
@@ -321,7 +321,7 @@ class AE3DConv(nn.Conv2d):
 
 
 class VideoDecoder(Decoder):
-    """SVD's temporal decoder: KL decoder with VideoResBlocks and a temporal output conv ("conv-only").
+    """SVD's temporal decoder: KL decoder with DecoderVideoResBlocks and a temporal output conv ("conv-only").
 
     Latents are ((B·T), z_channels, h, w) with T = `timesteps` frames per clip. Reference modes "all" and
     "attn-only" (temporal attention in the mid block) are not implemented and raise ValueError.
@@ -344,7 +344,7 @@ class VideoDecoder(Decoder):
         attn_type: AttnType = "vanilla",
         video_kernel_size: int | Sequence[int] = 3,
         alpha: float = 0.0,
-        merge_strategy: MergeStrategy = "learned",
+        merge_strategy: DecoderMergeStrategy = "learned",
         time_mode: TimeMode = "conv-only",
     ):
         if time_mode != "conv-only":
@@ -369,13 +369,13 @@ class VideoDecoder(Decoder):
         self.time_mode = time_mode
 
     def _make_resblock(self, in_channels: int, out_channels: int, dropout: float) -> nn.Module:
-        return VideoResBlock(in_channels, out_channels, dropout, *self._video_args)
+        return DecoderVideoResBlock(in_channels, out_channels, dropout, *self._video_args)
 
     def _make_conv_out(self, in_channels: int, out_channels: int) -> nn.Module:
         return AE3DConv(in_channels, out_channels, self._video_args[0])
 
     def _layer(self, module: nn.Module, h: torch.Tensor, timesteps: int | None) -> torch.Tensor:
-        if isinstance(module, (VideoResBlock, AE3DConv)):
+        if isinstance(module, (DecoderVideoResBlock, AE3DConv)):
             return module(h, timesteps)
         return module(h)
 

@@ -6,17 +6,21 @@ bucket, 3 VAE encoder of the condition frame, 4 cond_aug, 5-9 actions), so it mu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from einops import rearrange, repeat
+from safetensors.torch import load_file
 from torch import nn
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS
+from vwm.checkpoint.keys import key_diff
+from vwm.dtypes import module_dtype
 from vwm.models.embeddings import timestep_embedding
 
 log = logging.getLogger(__name__)
@@ -59,11 +63,6 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _weights_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    param = next(module.parameters(), None)
-    return default if param is None else param.dtype
-
-
 class FrozenOpenCLIPImageEmbedder(Embedder):
     """OpenCLIP image embedding: (B, 3, H, W) in [-1, 1] -> (B, embed_dim), the unnormalised visual output.
 
@@ -71,13 +70,13 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
     embed_dim / vision_cfg / text_cfg) without downloading anything. Its text transformer is deleted as in
     the reference (token embedding, ln_final, text_projection and logit_scale stay in the state dict).
     Weights come from the checkpoint that loads the whole model, or from the local file `weights`
-    (safetensors or an open_clip checkpoint). `version` (the reference's pretrained tag) is ignored.
+    (safetensors or an open_clip checkpoint). The reference's `version`
+    (pretrained tag) is dropped by vwm.aliases.PARAM_ALIASES.
     """
 
     def __init__(
         self,
         arch: str = "ViT-H-14",
-        version: str = "laion2b_s32b_b79k",
         freeze: bool = True,
         antialias: bool = True,
         weights: str | None = None,
@@ -113,8 +112,6 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
     def load_weights(self, path: str) -> None:
         """Load CLIP weights from a local safetensors / open_clip checkpoint (text transformer dropped)."""
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -122,14 +119,11 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
                 state = state["state_dict"]
         state = {k.removeprefix("module."): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("transformer.")}
-        own = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        resized = sorted(k for k in set(own) & set(state) if tuple(state[k].shape) != own[k])
-        if missing or unexpected or resized:
+        diff = key_diff(self.model.state_dict(), state)
+        if not diff.ok:
             raise ValueError(
-                f"weights={path!r} does not fit the {self.arch} CLIP model: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}, wrong shape {resized[:8]}"
+                f"weights={path!r} does not fit the {self.arch} CLIP model: missing {diff.missing[:8]}, "
+                f"unexpected {diff.unexpected[:8]}, wrong shape {diff.wrong_shape[:8]}"
             )
         self.model.load_state_dict(state)
         log.info("Loaded OpenCLIP %s weights from %s", self.arch, path)
@@ -148,7 +142,7 @@ class FrozenOpenCLIPImageEmbedder(Embedder):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, embed_dim), run in the weights' dtype, returned in the input's."""
-        x = self.preprocess(image).to(_weights_dtype(self.model.visual, torch.float32))
+        x = self.preprocess(image).to(module_dtype(self.model.visual, torch.float32))
         return self.model.visual(x).to(image.dtype)
 
 
@@ -225,7 +219,8 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
     With `is_ae` the encoder's `encode` is used (the posterior mode for AutoencoderKLModeOnly), else its
     forward; the result is multiplied by `scale_factor` (1.0 in SVD: the latent stays unscaled). Frames are
     encoded `en_and_decode_n_samples_a_time` at a time. `disable_encoder_autocast` runs the encoder with
-    autocast off. Setting `skip_encode` makes the input a latent that passes straight through (long rollouts).
+    autocast off. Inside `GeneralConditioner.latent_condition_frames()` the input is a latent that passes straight through
+    (long rollouts).
     The reference's noise augmentation (`sigma_sampler_config`, `sigma_cond_config`) is not supported.
     """
 
@@ -272,7 +267,7 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
             frames = rearrange(frames, "b t c h w -> (b t) c h w")
         chunk = self.en_and_decode_n_samples_a_time or frames.shape[0]
         encode = self.encoder.encode if self.is_ae else self.encoder
-        dtype = _weights_dtype(self.encoder, frames.dtype)
+        dtype = module_dtype(self.encoder, frames.dtype)
         no_autocast = torch.autocast(frames.device.type, enabled=False)
         with no_autocast if self.disable_encoder_autocast else nullcontext():
             latents = torch.cat([encode(part.to(dtype)) for part in frames.split(chunk)])
@@ -328,6 +323,19 @@ class GeneralConditioner(nn.Module):
         c = self._assemble(outputs, force_cond_zero_embeddings, None, dropout=False)
         uc = self._assemble(outputs, force_uc_zero_embeddings, None, dropout=False)
         return c, uc
+
+    @contextlib.contextmanager
+    def latent_condition_frames(self, enabled: bool = True) -> Iterator[None]:
+        """Within the block, the VAE-encoder embedders take their input as an already encoded (unscaled) latent and
+        pass it through (long rollouts reuse the previous round's latents); restored on exit."""
+        encoders = [e for e in self.embedders if isinstance(e, VideoPredictionEmbedderWithEncoder)]
+        for e in encoders:
+            e.skip_encode = enabled
+        try:
+            yield
+        finally:
+            for e in encoders:
+                e.skip_encode = False
 
     def _embed(self, batch: Mapping[str, Any]) -> list[torch.Tensor]:
         outputs = []

@@ -20,20 +20,18 @@ import torch
 from torch import nn
 
 from vwm.config import instantiate
+from vwm.defaults import NUM_FRAMES
+from vwm.diffusion.loss import DiffusionLossOutput
+from vwm.dtypes import module_dtype
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
+from vwm.training import step
 from vwm.training.guards import check_update
 
 log = logging.getLogger(__name__)
 
 ADAPTER_TAG = "adapter"
 """Parameters whose name contains this are the phase-2 adapters (LoRA and action control)."""
-
-
-def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    """dtype of a module's first parameter (`default` for parameter-free modules)."""
-    param = next(module.parameters(), None)
-    return default if param is None else param.dtype
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -49,14 +47,14 @@ class DiffusionEngine(pl.LightningModule):
 
     def __init__(
         self,
-        network_config: nn.Module,
-        denoiser_config: nn.Module,
-        first_stage_config: nn.Module,
-        conditioner_config: nn.Module,
-        sampler_config: Any = None,
+        network: nn.Module,
+        denoiser: nn.Module,
+        first_stage: nn.Module,
+        conditioner: nn.Module,
+        sampler: Any = None,
         optimizer_config: dict | None = None,
-        scheduler_config: Any = None,
-        loss_fn_config: Any = None,
+        scheduler: Any = None,
+        loss_fn: Any = None,
         use_ema: bool = False,
         ema_decay_rate: float = 0.9999,
         scale_factor: float = 1.0,
@@ -64,7 +62,7 @@ class DiffusionEngine(pl.LightningModule):
         input_key: str = "img_seq",
         compile_model: bool = False,
         en_and_decode_n_samples_a_time: int | None = 14,
-        num_frames: int = 25,
+        num_frames: int = NUM_FRAMES,
         slow_spatial_layers: bool = False,
         train_peft_adapters: bool = False,
         replace_cond_frames: bool = False,
@@ -76,14 +74,14 @@ class DiffusionEngine(pl.LightningModule):
             raise ValueError("slow_spatial_layers and train_peft_adapters are exclusive optimizer modes; set one")
         if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
             raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
-        self.model = UNetWrapper(network_config, compile_model=compile_model)
-        self.denoiser = denoiser_config
-        self.conditioner = conditioner_config
-        self.first_stage_model = first_stage_config
-        self.sampler = sampler_config
-        self.loss_fn = loss_fn_config
+        self.model = UNetWrapper(network, compile_model=compile_model)
+        self.denoiser = denoiser
+        self.conditioner = conditioner
+        self.first_stage_model = first_stage
+        self.sampler = sampler
+        self.loss_fn = loss_fn
         self.optimizer_config = optimizer_config or {"target": "torch.optim.AdamW"}
-        self.scheduler_config = scheduler_config
+        self.scheduler_config = scheduler
         self.scale_factor = scale_factor
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.input_key = input_key
@@ -181,7 +179,7 @@ class DiffusionEngine(pl.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames)."""
-        x = x.to(_module_dtype(self.first_stage_model, x.dtype))
+        x = x.to(module_dtype(self.first_stage_model, x.dtype))
         z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
         return z * self.scale_factor
 
@@ -189,7 +187,7 @@ class DiffusionEngine(pl.LightningModule):
     def decode_first_stage(self, z: torch.Tensor, overlap: int = 3, chunk_size: int | None = None) -> torch.Tensor:
         """Scaled latents (B,T,C,h,w) -> pixels (B,T,3,H,W), in windows of `chunk_size` frames (default: the
         config's en_and_decode_n_samples_a_time) whose `overlap` shared frames are averaged."""
-        z = (z / self.scale_factor).to(_module_dtype(self.first_stage_model, z.dtype))
+        z = (z / self.scale_factor).to(module_dtype(self.first_stage_model, z.dtype))
         chunk = chunk_size or self._first_stage_chunk(z.shape[1])
         return self.first_stage_model.decode_video(z, chunk, overlap=overlap)
 
@@ -208,7 +206,7 @@ class DiffusionEngine(pl.LightningModule):
         if moments.ndim != 5 or moments.shape[1] != self.num_frames:
             raise ValueError(f"batch['latent_moments'] has shape {tuple(moments.shape)}; expected (B, "
                              f"num_frames={self.num_frames}, 2C, h, w)")
-        moments = moments.to(_module_dtype(self.first_stage_model, torch.float32))
+        moments = moments.to(module_dtype(self.first_stage_model, torch.float32))
         z = self.first_stage_model.regularization(moments.flatten(0, 1), generator=generator)
         return z.unflatten(0, moments.shape[:2]) * self.scale_factor
 
@@ -229,22 +227,13 @@ class DiffusionEngine(pl.LightningModule):
             )
         return self.encode_first_stage(x, generator=generator)
 
-    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator):
-        """Diffusion loss terms for one batch (conditioning dropout, sigma, noise drawn from `generator`)."""
-        if self.loss_fn is None:
-            raise ValueError("the model config has no loss_fn_config: it cannot be trained")
-        # Conditioning first: its CLIP preprocessing waits for the GPU (small host-to-device tensors), which is
-        # cheap while the queue is short, before the VAE encode and the UNet are queued behind it.
-        cond = self.conditioner(batch, generator=generator)
-        z = self.latents_of(batch, generator)
-        return self.loss_fn(self.model, self.denoiser, cond, z, generator=generator)
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> DiffusionLossOutput:
+        """Diffusion loss terms for one batch, every random draw from `generator` (vwm/training/step.py)."""
+        return step.diffusion_loss(self, batch, generator)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # Seeded by the data position (epoch, stream position) the DataModule tracks, which a resumed run restores
-        # exactly, unlike Lightning's batch_idx (it restarts differently after a stop on an epoch's last batch).
-        position = batch.get("data_position")
-        keys = (self.global_step, *position) if position is not None else (self.global_step, batch_idx)
-        out = self.compute_loss(batch, self.make_generator(*keys))
+        # The whole step, hook by hook: vwm/training/step.py.
+        out = self.compute_loss(batch, self.make_generator(*step.step_keys(self.global_step, batch, batch_idx)))
         bad = ~torch.isfinite(out.loss.detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         if "n_skipped" in batch:
@@ -326,6 +315,7 @@ class DiffusionEngine(pl.LightningModule):
         """Samples (EMA weights when kept), inputs and VAE reconstructions of the first n clips, in [-1, 1]."""
         batch = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in batch.items()}
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        batch = step.add_condition_frames(batch, gen)
         z = self.latents_of(batch, gen)
         c, uc = self.get_conditioning(batch)
         indices = (self.fixed_cond_frames or [[0]])[0] if self.replace_cond_frames else []

@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from vwm.media import frame_grid, side_by_side, to_uint8_frames, write_mp4
 from vwm.training.flops import GIB, peak_tflops
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,6 @@ class VideoLogger(pl.Callback):
             self._write(trainer, videos, step)
 
     def _write(self, trainer: pl.Trainer, videos: dict[str, torch.Tensor], step: int) -> None:
-        from vwm.media import frame_grid, side_by_side, to_uint8_frames, write_mp4
-
         out_dir = self.out_dir or os.path.join(trainer.default_root_dir, "videos")
         os.makedirs(out_dir, exist_ok=True)
         order = [k for k in ("samples", "inputs", "reconstructions") if k in videos]

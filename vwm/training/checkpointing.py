@@ -15,13 +15,11 @@ run stops and the CLI exits non-zero (and asks SLURM to requeue on SIGUSR1 when 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
 import shutil
 import signal
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,95 +27,25 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
+from vwm.checkpoint.errors import CheckpointError
+from vwm.checkpoint.manifest import (
+    checkpoint_files,
+    read_manifest,
+    seal_files,
+    write_manifest,
+)
+from vwm.checkpoint.unpickle import verify_pickles
+from vwm.checkpoint.zero import verify_zero_files, zero_tag_dir
+from vwm.fsio import fsync_path
 from vwm.training.guards import non_finite_tensors
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
-MANIFEST_VERSION = 2
-"""Version 2 records {"bytes", "crc32"} per file; version 1 (sizes only) is still read."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 _NOT_PICKLES = ("latest",)
 """Files of a checkpoint directory, besides Python scripts, that no resume path unpickles (DeepSpeed reads
 `latest` as text)."""
-
-
-def _fsync(path: str) -> None:
-    """Flush a file's or a directory's (entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_crc32(path: str, chunk: int = 1 << 24) -> str:
-    """CRC-32 (zlib's, as zip and gzip use) of a file's bytes, streamed in 16 MiB chunks, as 8 hex digits."""
-    crc = 0
-    view = memoryview(bytearray(chunk))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
-
-
-def checkpoint_files(root: str) -> list[str]:
-    """Every file of a checkpoint directory (relative paths, sorted), the manifest excluded."""
-    out = []
-    for folder, _, files in os.walk(root):
-        out.extend(os.path.relpath(os.path.join(folder, name), root) for name in files
-                   if not (folder == root and name.startswith(MANIFEST)))
-    return sorted(out)
-
-
-def seal_files(root: str, names: list[str]) -> dict[str, dict[str, Any]]:
-    """fsync the given files of `root` and record {"bytes", "crc32"} for each."""
-    out = {}
-    for rel in names:
-        path = os.path.join(root, rel)
-        _fsync(path)
-        out[rel] = {"bytes": os.path.getsize(path), "crc32": file_crc32(path)}
-    return out
-
-
-def write_manifest(root: str, info: dict[str, Any], files: dict[str, dict[str, Any]] | None = None) -> None:
-    """Record every file of a checkpoint directory with its size and CRC-32 (`files`: already sealed ones, else
-    all files are sealed here), atomically (tmp, fsync, rename), then fsync the directories."""
-    files = files if files is not None else seal_files(root, checkpoint_files(root))
-    manifest = {**info, "manifest_version": MANIFEST_VERSION, "files": dict(sorted(files.items()))}
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, MANIFEST))
-    for folder, _, _ in os.walk(root):
-        _fsync(folder)
-
-
-def read_manifest(root: str, checksums: bool = False) -> dict[str, Any]:
-    """The manifest of a committed checkpoint; raises ValueError naming what does not match the disk: a missing
-    file, a size, or (with `checksums`, which reads every byte) a CRC-32."""
-    path = os.path.join(root, MANIFEST)
-    if not os.path.isfile(path):
-        raise ValueError(f"{root}: no {MANIFEST} (incomplete save)")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: unreadable manifest ({err})") from err
-    for rel, entry in manifest.get("files", {}).items():
-        size, crc = (entry, None) if isinstance(entry, int) else (entry.get("bytes"), entry.get("crc32"))
-        file = os.path.join(root, rel)
-        if not os.path.isfile(file):
-            raise ValueError(f"{root}: file {rel} listed in the manifest is missing")
-        if os.path.getsize(file) != size:
-            raise ValueError(f"{root}: file {rel} has {os.path.getsize(file)} bytes, manifest says {size}")
-        if checksums and crc is not None and file_crc32(file) != crc:
-            raise ValueError(f"{root}: file {rel}: content does not match its checksum (crc32 {file_crc32(file)}, "
-                             f"manifest {crc}): the file was damaged after it was written")
-    return manifest
 
 
 def committed_checkpoints(dirpath: str) -> Iterator[tuple[int, str]]:
@@ -154,8 +82,6 @@ def resume_target(path: str, manifest: dict[str, Any], deepspeed: bool) -> str:
     """What to pass to `Trainer.fit(ckpt_path=...)` for a committed checkpoint directory. Every file any resume
     path could unpickle is first opened with the restricted (weights-only) unpickler, whatever the manifest says
     (DeepSpeed's own loader does not restrict); then the layout must be the one the run's strategy loads."""
-    from vwm.checkpoint import CheckpointError, verify_pickles, verify_zero_files, zero_tag_dir
-
     verify_pickles(path, skip=_NOT_PICKLES)
     wanted = "deepspeed" if deepspeed else "lightning"
     if manifest.get("format") != wanted:
@@ -273,7 +199,7 @@ class CheckpointEvery(pl.Callback):
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _fsync(self.dirpath)
+            fsync_path(self.dirpath)
             self._prune(keep=final)
             log.info("checkpoint committed: %s", final)
         trainer.strategy.barrier("vwm_checkpoint_commit")

@@ -7,7 +7,9 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from vwm.config import build_model, to_container
-from vwm.training.flops import GIB, estimate_for_config, latent_downsample, unet_forward_flops
+from vwm.training.flops import GIB, estimate_for_config, unet_forward_flops
+from vwm.training.settings import RunSettings
+from vwm.training.preflight import check_data, check_weights_config, describe_loggers, initial_weights, resolve_launch
 
 
 def parameter_table(model) -> tuple[list[str], int, int, int]:
@@ -31,9 +33,6 @@ def parameter_table(model) -> tuple[list[str], int, int, int]:
 def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     """Report for --dry-run (the model is built on the meta device; nothing is allocated). Raises what a real run
     would raise at start-up (missing weights or data, bad launch values)."""
-    from vwm.training.preflight import (check_data, check_weights_config, describe_loggers, initial_weights,
-                                        resolve_launch)
-
     weights = initial_weights(cfg, finetune=opts.finetune, from_scratch=opts.from_scratch, resume=resume)
     weights_note = check_weights_config(weights, cfg.model)
     # Planning usually happens on a machine without the GPUs: assume the GPU default unless told cpu.
@@ -42,17 +41,13 @@ def describe(cfg: DictConfig, opts, run_dir: str, resume: str | None) -> str:
     data_plan = check_data(cfg)
     model = build_model(cfg, device="meta")
     lines, trainable, frozen, ema = parameter_table(model)
-    data = dict(to_container(cfg.data.get("params")) or {})
-    frames = int(cfg.model.params.get("num_frames", 25))
-    height, width = int(data.get("target_height", 320)), int(data.get("target_width", 576))
-    batch = int(data.get("batch_size", 1))
-    strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
+    run = RunSettings.from_config(cfg)
+    frames, height, width, batch, strategy = run.num_frames, run.height, run.width, run.batch_size, run.strategy
     network = to_container(cfg.model.params.network_config)
-    down = latent_downsample(to_container(cfg.model))
+    down = run.latent_downsample
     mem = estimate_for_config(cfg, world_size=launch.world_size, precision=launch.precision, model=model)
     fwd = unet_forward_flops(network, frames, height, width, batch=1, downsample=down)
-    checkpointing = bool(network["params"].get("use_checkpoint"))
-    compiled = bool(cfg.model.params.get("compile_model"))
+    checkpointing, compiled = run.use_checkpoint, run.compile_model
     out = [
         "# resolved config",
         OmegaConf.to_yaml(cfg, resolve=True).rstrip(),

@@ -10,10 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vwm.config import instantiate
+from vwm import actions
+from vwm.config import build_model, instantiate, to_container
+from vwm.models.video_unet import VideoLayer
+from vwm.training.settings import RunSettings
 
 GIB = 1024**3
 
@@ -43,20 +47,8 @@ def _meta_inputs(unet: nn.Module, batch: int, frames: int, latent_hw: tuple[int,
 
 def context_width(network_node: Mapping) -> int:
     """Cross-attention context width the network expects (CLIP width, plus the action columns when enabled)."""
-    from vwm.actions import ACTION_CONTEXT_DIM
-
     params = network_node["params"]
-    return int(params["context_dim"]) + (ACTION_CONTEXT_DIM if params.get("action_control") else 0)
-
-
-def latent_downsample(model_node: Mapping) -> int:
-    """Pixels per latent side of the model's first stage (8 for the SD/SVD VAE, `patch` for PixelShuffle)."""
-    stage = (model_node.get("params") or {}).get("first_stage_config") or {}
-    params = stage.get("params") or {}
-    if "patch" in params or str(stage.get("target", "")).endswith("PixelShuffleAutoencoder"):
-        return int(params.get("patch", 4))
-    encoder = (params.get("encoder_config") or {}).get("params") or {}
-    return 2 ** (len(encoder.get("ch_mult", [1, 2, 4, 4])) - 1)
+    return actions.context_width(params["context_dim"], bool(params.get("action_control")))
 
 
 def unet_forward_flops(network_node: Mapping, frames: int, height: int, width: int, batch: int = 1,
@@ -111,8 +103,6 @@ def activation_profile(unet: nn.Module, context_dim: int, frames: int, height: i
                        dtype: torch.dtype = torch.bfloat16, downsample: int = 8) -> ActivationProfile:
     """Count the saved tensors of one forward of a meta-device UNet (as the engine built it: frozen weights need no
     saved inputs) with and without activation checkpointing."""
-    from vwm.models.video_unet import VideoLayer
-
     unet = unet.to(dtype)
     layers = [m for m in unet.modules() if isinstance(m, VideoLayer)]
     was = [(m.use_checkpoint, m.__dict__.get("compiled_run")) for m in layers]
@@ -168,8 +158,6 @@ def layer_flops(unet: nn.Module, context_dim: int, frames: int, height: int, wid
                 downsample: int = 8) -> dict[str, float]:
     """Forward FLOPs of each checkpointable layer (res block, transformer) of a meta-device UNet, by module name:
     what activation checkpointing recomputes in the backward pass when that layer is checkpointed."""
-    from vwm.models.video_unet import VideoLayer
-
     layers = {name: m for name, m in unet.named_modules() if isinstance(m, VideoLayer)}
     counter = FlopCounterMode(display=False)
     out: dict[str, float] = {}
@@ -366,10 +354,6 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     `model` is the config's model built on the meta device (built here when not given). With `use_checkpoint:
     auto` the estimate holds the plan (`.plan`) for `checkpoint_budget_gib`, else `budget_gib` (the GPU's memory),
     else 85 % of 80 GiB."""
-    from omegaconf import OmegaConf
-
-    from vwm.config import build_model, to_container
-
     if model is None:
         model = build_model(cfg, device="meta")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -378,12 +362,10 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     data = dict(to_container(OmegaConf.select(cfg, "data.params")) or {})
     model_params = dict(to_container(OmegaConf.select(cfg, "model.params")) or {})
     network = model_params["network_config"]
-    frames = int(model_params.get("num_frames", 25))
-    height, width = int(data.get("target_height", 320)), int(data.get("target_width", 576))
-    batch = int(data.get("batch_size", 1))
-    down = latent_downsample(to_container(cfg["model"]))
+    run = RunSettings.from_config(cfg)
+    frames, height, width, batch, down = run.num_frames, run.height, run.width, run.batch_size, run.latent_downsample
     policy = network["params"].get("use_checkpoint")
-    checkpointing = bool(policy)
+    checkpointing = run.use_checkpoint
     half = precision.startswith(("bf16", "16"))
     unet = model.model.diffusion_model
     profile = activation_profile(unet, context_width(network), frames, height, width, batch,
@@ -399,8 +381,7 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
                  for s in data.get("subsets") or [None])
     vae = 0 if cached or stage.endswith("PixelShuffleAutoencoder") else int(
         coef["vae_bytes_per_pixel"] * chunk * height * width * (1 if half else 2))  # fp32 VAE: twice the bytes
-    strategy = str(OmegaConf.select(cfg, "lightning.trainer.strategy") or "auto")
-    zero = int(strategy.rsplit("_", 1)[-1]) if strategy.startswith("deepspeed") and strategy[-1].isdigit() else 0
+    zero = run.zero_stage or 0
     bucket = int((to_container(OmegaConf.select(cfg, "lightning.deepspeed")) or {}).get(
         "reduce_bucket_size", 200_000_000))
     estimate = estimate_memory(trainable, frozen, ema, world_size, int(activations), precision=precision,

@@ -19,9 +19,13 @@ from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
+from safetensors import SafetensorError, safe_open
 
-from vwm.config import ConfigError, instantiate, to_container
-from vwm.schema import devices_count
+from vwm.checkpoint import CheckpointError, check_handoff, read_config_metadata
+from vwm.config import ConfigError, REFERENCE_SUBSETS, instantiate, locate, to_container
+from vwm.data.datamodule import VideoDataModule, build_subset
+from vwm.schema import devices_count, logger_nodes
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,6 @@ def check_weights_config(weights: InitialWeights, model_config: Any) -> str | No
     check a real run does when it loads the file); returns a note when the file carries no config."""
     if weights.source not in ("finetune", "default") or not str(weights.path).endswith(".safetensors"):
         return None
-    from safetensors import SafetensorError, safe_open
-
-    from vwm.checkpoint import CheckpointError, check_handoff, read_config_metadata
 
     try:
         with safe_open(weights.path, framework="pt", device="cpu") as f:
@@ -192,8 +193,6 @@ def _subset_label(spec: Any, index: int) -> tuple[str, str]:
     if isinstance(spec, str):
         return key, spec
     if isinstance(spec, dict) and isinstance(spec.get("target"), str):
-        from vwm.data.datamodule import REFERENCE_SUBSETS
-
         for name, (target, _) in REFERENCE_SUBSETS.items():
             if target == spec["target"]:
                 return key, name
@@ -204,8 +203,6 @@ def _subset_label(spec: Any, index: int) -> tuple[str, str]:
 def check_data(cfg: DictConfig, *, build: bool = True) -> DataPlan:
     """Instantiate the DataModule's arguments and build every subset (data roots, annotation files, clip lists)
     as the run will; errors name the dotted key and the override that fixes it."""
-    from vwm.data.datamodule import VideoDataModule, build_subset
-
     if "data" not in cfg or not isinstance(cfg.data, DictConfig):
         raise ConfigError("the config has no data section (data.target / data.params)")
     datamodule = instantiate(cfg.data, "data.params")  # a constructor error names data.params
@@ -238,11 +235,6 @@ def build_loggers(cfg: DictConfig, run_dir: str) -> list[Any]:
     """The run's Lightning loggers: the nodes of `lightning.logger` (W&B, CSV, MLflow, ...; `save_dir` defaults to
     the run directory), none when `lightning.trainer.logger` or `lightning.logger` is false, else TensorBoard in
     `<run>/tensorboard`. metrics.jsonl is written in every case."""
-    from pytorch_lightning.loggers import TensorBoardLogger
-
-    from vwm.config import locate
-    from vwm.schema import logger_nodes
-
     if OmegaConf.select(cfg, "lightning.trainer.logger") is False:
         return []
     lightning = cfg.get("lightning")
@@ -261,8 +253,6 @@ def build_loggers(cfg: DictConfig, run_dir: str) -> list[Any]:
 
 def describe_loggers(cfg: DictConfig) -> str:
     """One line naming the loggers a run will use (without building them)."""
-    from vwm.schema import logger_nodes
-
     if OmegaConf.select(cfg, "lightning.trainer.logger") is False:
         return "loggers: none (lightning.trainer.logger=false); metrics.jsonl only"
     lightning = cfg.get("lightning")

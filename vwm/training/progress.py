@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks.progress.progress_bar import ProgressBar
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,6 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._enabled:
             return
-        from tqdm import tqdm
 
         self._step_start = trainer.global_step
         self._t_start = time.perf_counter()
@@ -175,7 +177,6 @@ def plot_losses(rows: list[tuple[int, float]], path: str, title: str) -> str | N
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     steps = np.array([s for s, _ in rows])
     loss = np.array([v for _, v in rows])
@@ -215,8 +216,6 @@ def next_commands(run_dir: str, checkpoint: str | None, cfg: Any) -> list[str]:
 
 
 def _select(cfg: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
-
     try:
         return OmegaConf.select(cfg, key)
     except Exception:  # noqa: BLE001 - a config without that key (any OmegaConf error) simply has no value

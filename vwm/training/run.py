@@ -7,6 +7,7 @@ TensorBoard logs and sample videos.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -26,14 +27,19 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+import vwm
 from vwm.checkpoint import load_finetune
+from vwm.checkpoint.manifest import read_manifest
 from vwm.config import ConfigError, build_model, instantiate, load_config, to_container
+from vwm.defaults import SEED
 from vwm.training.activation_plan import apply_activation_plan
 from vwm.training.callbacks import MetricsFile, ThroughputMonitor, VideoLogger
-from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, read_manifest, resume_target
+from vwm.training.checkpointing import CheckpointEvery, latest_checkpoint, resume_target
+from vwm.training.flops import unet_forward_flops
 from vwm.training.preflight import build_loggers, check_data, default_run_name, initial_weights, resolve_launch
 from vwm.training.progress import StepProgressBar, summarize
 from vwm.training.runlock import lock_run_directory
+from vwm.training.settings import RunSettings
 from vwm.training.strategy import build_strategy
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ class TrainOptions:
     accelerator: str | None = None
     logdir: str = "logs"
     name: str | None = None
-    seed: int = 23
+    seed: int = SEED
     no_test: bool = True
     scale_lr: bool = False
     enable_tf32: bool = False
@@ -88,8 +94,6 @@ def run_dir_for(opts: TrainOptions) -> tuple[str, str | None]:
 
 def _environment() -> dict[str, Any]:
     import deepspeed
-
-    import vwm
 
     env = {
         "python": sys.version.split()[0], "torch": torch.__version__, "pytorch_lightning": pl.__version__,
@@ -162,8 +166,8 @@ def _note_world_size_change(manifest: dict[str, Any], world: int, cfg: DictConfi
     saved = manifest.get("world_size")
     if saved is None or int(saved) == world:
         return
-    batch = int(OmegaConf.select(cfg, "data.params.batch_size", default=1)) * int(
-        OmegaConf.select(cfg, "lightning.trainer.accumulate_grad_batches", default=1))
+    run = RunSettings.from_config(cfg)
+    batch = run.batch_size * run.accumulate_grad_batches
     log.warning("resuming step %s, saved by %s process(es), on %d: the optimizer state is re-partitioned (ZeRO) or "
                 "reused (DDP), the data stream continues at the saved position, and a step now averages %d clips "
                 "instead of %d (docs/training.md, \"Changing the number of GPUs on resume\")", manifest.get("step"),
@@ -175,8 +179,6 @@ def _note_world_size_change(manifest: dict[str, Any], world: int, cfg: DictConfi
 
 def trainer_kwargs(cfg: DictConfig, opts: TrainOptions) -> dict[str, Any]:
     """`pl.Trainer` arguments from the config's `lightning.trainer` section (checked against its signature)."""
-    import inspect
-
     section = dict(to_container(OmegaConf.select(cfg, "lightning.trainer")) or {})
     allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(section) - allowed)
@@ -199,25 +201,20 @@ def checkpoint_settings(cfg: DictConfig) -> tuple[int, int]:
     return int(every or 1000), int(ours.get("keep_last", 3))
 
 
-def build_callbacks(cfg: DictConfig, run_dir: str, data_params: dict[str, Any], world: int,
+def build_callbacks(cfg: DictConfig, run_dir: str, run: RunSettings, world: int,
                     info: dict[str, Any]) -> tuple[list, CheckpointEvery]:
     """Checkpointing, metrics file, throughput/MFU, LR monitor, progress bar and the configured callbacks."""
-    from vwm.training.flops import latent_downsample, unet_forward_flops
-
     every, keep = checkpoint_settings(cfg)
     ckpt = CheckpointEvery(os.path.join(run_dir, "checkpoints"), every_n_steps=every, keep_last=keep, info=info)
-    frames = int(cfg.model.params.get("num_frames", 25))
-    height, width = int(data_params.get("target_height", 320)), int(data_params.get("target_width", 576))
     network = to_container(cfg.model.params.network_config)
-    down = latent_downsample(to_container(cfg.model))
-    fwd = unet_forward_flops(network, frames, height, width, downsample=down)
-    batch = int(data_params.get("batch_size", 1))
+    fwd = unet_forward_flops(network, run.num_frames, run.height, run.width, downsample=run.latent_downsample)
+    clips = run.batch_size * world
     callbacks: list = [
         MetricsFile(os.path.join(run_dir, "metrics.jsonl")),  # before the checkpoint: a committed step has its row
         ckpt,
-        ThroughputMonitor(batch * world, frames * (height // down) * (width // down), 3 * fwd),
+        ThroughputMonitor(clips, run.latent_pixels_per_clip, 3 * fwd),
         LearningRateMonitor(logging_interval="step"),
-        StepProgressBar(clips_per_step=batch * world),
+        StepProgressBar(clips_per_step=clips),
     ]
     for name, node in (to_container(OmegaConf.select(cfg, "lightning.callbacks")) or {}).items():
         extra = {"out_dir": os.path.join(run_dir, "videos")} if node.get("target", "").endswith("VideoLogger") else {}
@@ -280,13 +277,13 @@ def _train(opts: TrainOptions) -> int:
     pl.seed_everything(opts.seed, workers=True)
     world = launch.world_size
 
-    data_params = dict(to_container(cfg.data.get("params")) or {})
+    run = RunSettings.from_config(cfg)
     engine = build_model(cfg)
     engine.seed = opts.seed
     trainer_cfg = trainer_kwargs(cfg, opts)
     base_lr = float(cfg.model.get("base_learning_rate", 1e-4))
     accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1))
-    engine.learning_rate = base_lr * (accumulate * world * int(data_params.get("batch_size", 1)) if opts.scale_lr else 1)
+    engine.learning_rate = base_lr * (accumulate * world * run.batch_size if opts.scale_lr else 1)
     log.info("learning rate %.3g (base %.3g%s)", engine.learning_rate, base_lr, ", scaled" if opts.scale_lr else "")
     if weights.source in ("finetune", "default"):
         load_finetune(engine, weights.path, to_container(cfg.model))
@@ -295,12 +292,11 @@ def _train(opts: TrainOptions) -> int:
                           device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else None)
     datamodule = instantiate(cfg.data, "data.params", seed=opts.seed, subsets=data_plan.subsets)
 
-    strategy_name = OmegaConf.select(cfg, "lightning.trainer.strategy")
-    strategy = build_strategy(strategy_name, to_container(cfg.get("lightning")) or {})
+    strategy = build_strategy(run.strategy, to_container(cfg.get("lightning")) or {})
     if hasattr(strategy, "config") and isinstance(strategy.config, dict):
-        strategy.config["train_micro_batch_size_per_gpu"] = int(data_params.get("batch_size", 1))
+        strategy.config["train_micro_batch_size_per_gpu"] = run.batch_size
     info = {"finetune": os.path.abspath(weights.path)} if weights.source in ("finetune", "default") else {}
-    callbacks, ckpt = build_callbacks(cfg, run_dir, data_params, world, info)
+    callbacks, ckpt = build_callbacks(cfg, run_dir, run, world, info)
     _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(read_manifest(resume)["step"]) if resume else 0)
     write_run_files(run_dir, cfg)
     config_steps = trainer_cfg.pop("max_steps", -1)
@@ -322,8 +318,7 @@ def _train(opts: TrainOptions) -> int:
     if trainer.is_global_zero:
         newest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         report = summarize(run_dir, first_step=first_step, last_step=trainer.global_step,
-                           seconds=time.perf_counter() - started, clips_per_step=int(data_params.get("batch_size", 1))
-                           * world, checkpoint=newest[0] if newest else None, cfg=cfg,
+                           seconds=time.perf_counter() - started, clips_per_step=run.batch_size * world, checkpoint=newest[0] if newest else None, cfg=cfg,
                            stopped_by_signal=ckpt.stopped_by_signal)
         logging.getLogger("vwm.summary").info("\n".join(report.lines()))
     if not opts.no_test:

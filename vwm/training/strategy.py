@@ -16,9 +16,15 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.plugins.precision import DeepSpeedPrecision, Precision
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from pytorch_lightning.trainer.states import TrainerFn
+
+from vwm.training.deepspeed_io import write_through_python_files
+from vwm.training.settings import zero_stage
+from vwm.training.zero_reshard import load_repartitioned, saved_world_size
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,6 @@ class VWMDeepSpeedStrategy(DeepSpeedStrategy):
         if not self._on_cpu():
             super().setup_distributed()
             return
-        from lightning_fabric.utilities.seed import reset_seed
 
         reset_seed()
         self.set_world_ranks()
@@ -95,7 +100,6 @@ class VWMDeepSpeedStrategy(DeepSpeedStrategy):
                 lr_scheduler=lr_scheduler,
                 dist_init_required=False,
             )
-        from vwm.training.deepspeed_io import write_through_python_files
 
         write_through_python_files(engine)
         return engine, ds_optimizer
@@ -103,10 +107,6 @@ class VWMDeepSpeedStrategy(DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path: str, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's DeepSpeed restore; a ZeRO checkpoint written by another number of ranks is re-partitioned
         for this run (`vwm.training.zero_reshard`) when its optimizer state is loaded for training."""
-        from pytorch_lightning.trainer.states import TrainerFn
-
-        from vwm.training.zero_reshard import load_repartitioned, saved_world_size
-
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if not fitting or saved_world_size(checkpoint_path) == self.deepspeed_engine.dp_world_size:
             return super().load_checkpoint(checkpoint_path, weights_only)
@@ -132,7 +132,7 @@ def build_strategy(name: str | None, lightning_cfg: Mapping[str, Any], timeout_s
     name = name or "auto"
     timeout = timedelta(seconds=timeout_s)
     if name.startswith("deepspeed"):
-        stage = int(name.rsplit("_", 1)[-1]) if name[-1].isdigit() else 2
+        stage = zero_stage(name)
         if stage not in (1, 2):
             raise ValueError(f"strategy={name!r}: vwm supports ZeRO stages 1 and 2 (optimizer/gradient sharding)")
         zero = {**DEEPSPEED_DEFAULTS, **dict(lightning_cfg.get("deepspeed") or {})}
