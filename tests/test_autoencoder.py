@@ -12,6 +12,7 @@ from einops import rearrange
 from omegaconf import OmegaConf
 from torch import nn
 
+from vwm.config import instantiate, resolve_aliases, validate
 from vwm.models.autoencoder import (
     AttnBlock,
     AutoencoderKLModeOnly,
@@ -29,28 +30,22 @@ CONFIGS = {
     "vista_phase1": "training__vista_phase1.yaml",
     "vista_phase2_stage1": "training__vista_phase2_stage1.yaml",
 }
-# Reference targets of the first-stage config mapped to vwm classes (the config layer's alias table's job).
-ALIASES = {
-    "vwm.models.autoencoder.AutoencodingEngine": AutoencodingEngine,
-    "vwm.modules.diffusionmodules.model.Encoder": Encoder,
-    "vwm.modules.autoencoding.temporal_ae.VideoDecoder": VideoDecoder,
-    "vwm.modules.autoencoding.regularizers.DiagonalGaussianRegularizer": DiagonalGaussianRegularizer,
-    "torch.nn.Identity": nn.Identity,
-}
-TINY = dict(
-    ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0, in_channels=3,
-    resolution=32, z_channels=4, double_z=True, attn_type="vanilla",
+_SHARED = dict(
+    ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0, resolution=32, z_channels=4,
+    attn_type="vanilla",
 )
+TINY_ENCODER = dict(_SHARED, in_channels=3, double_z=True)
+TINY_DECODER = dict(_SHARED, out_ch=3)
+TINY_DDCONFIG = dict(_SHARED, in_channels=3, out_ch=3, double_z=True)
+"""The reference's shared encoder/decoder parameter set (`ddconfig`), as its YAMLs give it."""
 
 
-def build_reference_node(node):
-    """Depth-first instantiation of a reference `{target, params}` node through ALIASES."""
-    if isinstance(node, dict) and "target" in node:
-        params = {k: build_reference_node(v) for k, v in (node.get("params") or {}).items()}
-        return ALIASES[node["target"]](**params)
-    if isinstance(node, list):
-        return [build_reference_node(v) for v in node]
-    return node
+def build_reference_node(node, path="first_stage_config"):
+    """A reference `{target, params}` node built through the config layer: alias tables, validation, PARAM_ALIASES."""
+    cfg = OmegaConf.create(node)
+    resolve_aliases(cfg)
+    validate(cfg, path)
+    return instantiate(cfg, path)
 
 
 def shapes(module: nn.Module, prefix: str) -> dict[str, list[int]]:
@@ -60,8 +55,8 @@ def shapes(module: nn.Module, prefix: str) -> dict[str, list[int]]:
 def tiny_engine(**video_params) -> AutoencodingEngine:
     """Tiny VAE whose zero-initialised temporal convs and mix factors are randomised (time mixing visible)."""
     video_params.setdefault("video_kernel_size", [3, 1, 1])
-    decoder = VideoDecoder(**TINY, **video_params)
-    engine = AutoencodingEngine(Encoder(**TINY), decoder, DiagonalGaussianRegularizer())
+    decoder = VideoDecoder(**TINY_DECODER, **video_params)
+    engine = AutoencodingEngine(Encoder(**TINY_ENCODER), decoder, DiagonalGaussianRegularizer())
     with torch.no_grad():
         for name, p in engine.named_parameters():
             if "time_stack.out_layers.3" in name:
@@ -233,20 +228,22 @@ def test_attention_is_single_head_softmax():
 
 def test_invalid_options_are_reported():
     with pytest.raises(ValueError, match="time_mode='all'"):
-        VideoDecoder(**TINY, time_mode="all")
+        VideoDecoder(**TINY_DECODER, time_mode="all")
     with pytest.raises(ValueError, match="merge_strategy"):
-        VideoDecoder(**TINY, merge_strategy="learned_with_images")
+        VideoDecoder(**TINY_DECODER, merge_strategy="learned_with_images")
     with pytest.raises(ValueError, match="attn_type='linear'"):
-        Encoder(**{**TINY, "attn_type": "linear"})
+        Encoder(**{**TINY_ENCODER, "attn_type": "linear"})
     with pytest.raises(ValueError, match="timesteps=3"):
-        VideoDecoder(**TINY)(torch.randn(4, 4, 4, 4), timesteps=3)
+        VideoDecoder(**TINY_DECODER)(torch.randn(4, 4, 4, 4), timesteps=3)
     with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
-        AutoencoderKLModeOnly(embed_dim=4, ddconfig={**TINY, "bogus": 1})
+        AutoencoderKLModeOnly(embed_dim=4, ddconfig={**TINY_DDCONFIG, "bogus": 1})
 
 
 def test_mode_only_autoencoder_returns_the_posterior_mode():
-    ddconfig = {**TINY, "attn_type": "vanilla-xformers"}
-    vae = AutoencoderKLModeOnly(embed_dim=4, ddconfig=ddconfig, monitor="val/rec_loss")
+    ddconfig = {**TINY_DDCONFIG, "attn_type": "vanilla-xformers"}
+    params = {"embed_dim": 4, "ddconfig": ddconfig, "monitor": "val/rec_loss",
+              "loss_config": {"target": "torch.nn.Identity"}}  # the reference's dead keys, dropped by the config
+    vae = build_reference_node({"target": "vwm.models.autoencoder.AutoencoderKLModeOnly", "params": params})
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x)

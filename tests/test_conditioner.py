@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vwm.actions import ACTION_KEYS
+from vwm.config import instantiate, resolve_aliases, validate
 from vwm.models.autoencoder import AutoencoderKLModeOnly
 from vwm.models.conditioner import (
     CLIP_MEAN,
@@ -33,17 +34,6 @@ CONFIGS = {
     "vista_phase1": "training__vista_phase1.yaml",
     "vista_phase2_stage1": "training__vista_phase2_stage1.yaml",
 }
-_MODULES = "vwm.modules.encoders.modules."
-# Reference targets of the conditioner config mapped to vwm classes (the config layer's alias table's job).
-ALIASES = {
-    "vwm.modules.GeneralConditioner": GeneralConditioner,
-    _MODULES + "FrozenOpenCLIPImagePredictionEmbedder": FrozenOpenCLIPImagePredictionEmbedder,
-    _MODULES + "FrozenOpenCLIPImageEmbedder": FrozenOpenCLIPImageEmbedder,
-    _MODULES + "ConcatTimestepEmbedderND": ConcatTimestepEmbedderND,
-    _MODULES + "VideoPredictionEmbedderWithEncoder": VideoPredictionEmbedderWithEncoder,
-    "vwm.models.autoencoder.AutoencoderKLModeOnly": AutoencoderKLModeOnly,
-    "torch.nn.Identity": nn.Identity,
-}
 TINY_CLIP = {
     "embed_dim": 1024,
     "vision_cfg": {"image_size": 28, "layers": 1, "width": 64, "head_width": 32, "patch_size": 14},
@@ -55,15 +45,12 @@ TINY_VAE = dict(
 )
 
 
-def build_reference_node(node):
-    """Depth-first instantiation of a reference `{target, params}` node; sibling keys become kwargs too."""
-    if isinstance(node, dict) and "target" in node:
-        kwargs = {k: build_reference_node(v) for k, v in (node.get("params") or {}).items()}
-        kwargs.update({k: v for k, v in node.items() if k not in ("target", "params")})
-        return ALIASES[node["target"]](**kwargs)
-    if isinstance(node, list):
-        return [build_reference_node(v) for v in node]
-    return node
+def build_reference_node(node, path="conditioner_config"):
+    """A reference `{target, params}` node built through the config layer: alias tables, validation, PARAM_ALIASES."""
+    cfg = OmegaConf.create(node)
+    resolve_aliases(cfg)
+    validate(cfg, path)
+    return instantiate(cfg, path)
 
 
 def conditioner_node(config: str) -> dict:

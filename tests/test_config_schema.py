@@ -132,3 +132,30 @@ def test_a_constructor_error_names_the_dotted_key_of_its_node():
     with pytest.raises(ConstructorError, match=r"^model\.params\.network_config \(vwm\.models\.video_unet\.VideoUNet\): "
                                                r"set exactly one of num_heads \(3\) and num_head_channels"):
         build_model(cfg, device="meta")
+
+
+def test_param_aliases_name_real_parameters_and_give_a_reason_for_every_drop():
+    """The alias layer absorbs the reference's parameter names (issue #16 item 4): every renamed key lands on a
+    constructor parameter, every dropped key is one the constructor does not take and says why."""
+    import inspect
+
+    from vwm.aliases import PARAM_ALIASES
+    from vwm.config import locate
+
+    for target, aliases in PARAM_ALIASES.items():
+        params = inspect.signature(locate(target)).parameters
+        assert set(aliases.renames.values()) <= set(params), target
+        assert not set(aliases.renames) & set(params), target
+        assert not set(aliases.drops) & set(params), target
+        assert all(reason.strip() for reason in aliases.drops.values()), target
+        assert not aliases.renames or aliases.why, target
+
+
+def test_dropped_reference_keys_are_accepted_but_never_reach_the_constructor():
+    from vwm.config import build_model
+
+    drops = ["model.params.network_config.params.spatial_transformer_attn_type=softmax-xformers",
+             "model.params.first_stage_config.params.loss_config={target: torch.nn.Identity}",
+             "model.params.first_stage_config.params.encoder_config.params.out_ch=3"]
+    model = build_model(load_config(TINY, drops), device="meta")
+    assert not hasattr(model.first_stage_model, "loss")

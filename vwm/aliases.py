@@ -88,22 +88,49 @@ class ParamAliases:
 
 
 _BUILT = "the reference's `<name>_config` keys receive built modules, so the parameter is named for the module"
+_DDCONFIG = "the reference gives encoder and decoder one shared parameter set (`ddconfig`)"
+_VAE_LOSS = ("the VAE's training loss in the reference (torch.nn.Identity in its YAMLs: no parameters, no state); "
+             "vwm never trains the VAE")
 PARAM_ALIASES: dict[str, ParamAliases] = {
     "vwm.models.engine.DiffusionEngine": ParamAliases(renames={
         "network_config": "network", "denoiser_config": "denoiser", "first_stage_config": "first_stage",
         "conditioner_config": "conditioner", "sampler_config": "sampler", "loss_fn_config": "loss_fn",
         "scheduler_config": "scheduler"}, why=_BUILT + " (optimizer_config stays: it is an unbuilt node)"),
     "vwm.diffusion.denoiser.Denoiser": ParamAliases(renames={"scaling_config": "scaling"}, why=_BUILT),
+    "vwm.models.video_unet.VideoUNet": ParamAliases(drops={
+        "spatial_transformer_attn_type": "softmax or softmax-xformers in the reference; every attention of vwm "
+                                         "runs through SDPA"}),
+    "vwm.models.autoencoder.Encoder": ParamAliases(drops={
+        "out_ch": f"the decoder's output channels; {_DDCONFIG}"}),
+    "vwm.models.autoencoder.Decoder": ParamAliases(drops={
+        "in_channels": f"the encoder's input channels; {_DDCONFIG}",
+        "double_z": f"the encoder's moments width (mean and log-variance); {_DDCONFIG}"}),
+    "vwm.models.autoencoder.AutoencodingEngine": ParamAliases(
+        renames={"encoder_config": "encoder", "decoder_config": "decoder", "regularizer_config": "regularizer"},
+        drops={"loss_config": _VAE_LOSS}, why=_BUILT),
+    "vwm.models.autoencoder.AutoencoderKLModeOnly": ParamAliases(drops={
+        "loss_config": _VAE_LOSS,
+        "monitor": "the metric the reference's Lightning checkpointing watched when training the VAE"}),
     "vwm.models.conditioner.FrozenOpenCLIPImageEmbedder": ParamAliases(drops={
         "version": "the reference's pretrained-weights tag; vwm never downloads (weights come from a file)"}),
+    "vwm.models.conditioner.FrozenOpenCLIPImagePredictionEmbedder": ParamAliases(
+        renames={"open_clip_embedding_config": "open_clip"}, why=_BUILT),
+    "vwm.models.conditioner.VideoPredictionEmbedderWithEncoder": ParamAliases(
+        renames={"encoder_config": "encoder"}, why=_BUILT),
+    "vwm.training.lr.LambdaLinearScheduler": ParamAliases(drops={
+        "verbosity_interval": "the reference printed the LR factor every N steps; vwm logs the learning rate"}),
+    "vwm.training.callbacks.VideoLogger": ParamAliases(drops={
+        "log_images_kwargs": "arguments of the reference's log_images (sampler steps, N); vwm samples with the "
+                             "model's sampler and max_clips",
+        "enable_autocast": "autocast follows the training precision",
+        "clamp": "samples are always clamped to [-1, 1]",
+        "rescale": "samples are always written as videos from [-1, 1]",
+        "log_on_batch_idx": "the frequency always counts optimizer steps"}),
 }
 """Per vwm class (and its subclasses): the reference's parameter names and dead keys, absorbed here so the
 classes keep honest signatures while reference configs (and ours, which keep the reference schema) load
 unchanged. Config trees (and the configs embedded in exports) keep the reference keys; only construction sees
-the vwm names. Not yet here: the KL-VAE classes (`AutoencodingEngine.*_config`, `Encoder.out_ch`,
-`Decoder.in_channels/double_z`, `AutoencoderKLModeOnly.monitor`) and the conditioner's embedders
-(`open_clip_embedding_config`, `encoder_config`), which the state-dict contract tests build directly from the
-reference YAML params."""
+the vwm names."""
 
 
 def param_aliases(cls: Any) -> ParamAliases:

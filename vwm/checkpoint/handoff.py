@@ -17,10 +17,10 @@ from vwm.config import is_node, locate, node_arguments, param_aliases, to_contai
 
 HANDOFF_NETWORK_PARAMS = frozenset({
     "add_lora", "lora_rank", "lora_scale", "action_control", "separate_cond_time_embed", "use_checkpoint",
-    "spatial_transformer_attn_type",
 })
 """Network parameters a training phase may set differently from the config of its starting weights: the
-families it adds (initialised by `load_weights`) and memory/kernel settings."""
+families it adds (initialised by `load_weights`) and memory settings. Dead reference keys (PARAM_ALIASES drops)
+never count."""
 
 _EMBEDDER_TRAINING_KEYS = ("ucg_rate", "is_trainable")
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vwm.aliases import constructor_arguments, param_aliases
 from vwm.models.layers import GroupNorm32, temporal_conv
 
 AttnType = Literal["vanilla", "vanilla-xformers", "none"]
@@ -110,16 +111,12 @@ class DecoderUpsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    """KL-VAE encoder: image (N, in_channels, H, W) -> posterior moments (N, 2·z_channels, H/2^k, W/2^k).
-
-    `out_ch` is accepted (and ignored) because the reference passes one `ddconfig` to encoder and decoder.
-    """
+    """KL-VAE encoder: image (N, in_channels, H, W) -> posterior moments (N, 2·z_channels, H/2^k, W/2^k)."""
 
     def __init__(
         self,
         *,
         ch: int,
-        out_ch: int,
         ch_mult: Sequence[int] = (1, 2, 4, 8),
         num_res_blocks: int,
         attn_resolutions: Sequence[int],
@@ -175,9 +172,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """KL-VAE decoder: latent (N, z_channels, h, w) -> image (N, out_ch, h·2^k, w·2^k).
 
-    `in_channels` and `double_z` are accepted (and ignored) because the reference shares `ddconfig` with
-    the encoder. `forward` takes `timesteps` for one interface with `VideoDecoder`; the 2-D decoder ignores
-    it.
+    `forward` takes `timesteps` for one interface with `VideoDecoder`; the 2-D decoder ignores it.
     """
 
     def __init__(
@@ -190,10 +185,8 @@ class Decoder(nn.Module):
         attn_resolutions: Sequence[int],
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
-        in_channels: int,
         resolution: int,
         z_channels: int,
-        double_z: bool = True,
         attn_type: AttnType = "vanilla",
     ):
         super().__init__()
@@ -337,10 +330,8 @@ class VideoDecoder(Decoder):
         attn_resolutions: Sequence[int],
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
-        in_channels: int,
         resolution: int,
         z_channels: int,
-        double_z: bool = True,
         attn_type: AttnType = "vanilla",
         video_kernel_size: int | Sequence[int] = 3,
         alpha: float = 0.0,
@@ -363,8 +354,7 @@ class VideoDecoder(Decoder):
         super().__init__(
             ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
             attn_resolutions=attn_resolutions, dropout=dropout, resamp_with_conv=resamp_with_conv,
-            in_channels=in_channels, resolution=resolution, z_channels=z_channels, double_z=double_z,
-            attn_type=attn_type,
+            resolution=resolution, z_channels=z_channels, attn_type=attn_type,
         )
         self.time_mode = time_mode
 
@@ -410,6 +400,11 @@ class DiagonalGaussianRegularizer(nn.Module):
         return mean + std * eps.to(device=mean.device, dtype=mean.dtype)
 
 
+def _config_keys(cls: type) -> set[str]:
+    """The keys a config may give `cls`: its constructor's parameters and the reference keys it drops."""
+    return set(inspect.signature(cls).parameters) | set(param_aliases(cls).drops)
+
+
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -418,22 +413,14 @@ def _check_chunk_size(chunk_size: int) -> None:
 class AutoencodingEngine(nn.Module):
     """SVD's first-stage model: encoder + posterior regulariser + (temporal) decoder; latents are unscaled.
 
-    The `*_config` parameters receive built modules (the config layer instantiates nested nodes).
-    `loss_config` (torch.nn.Identity in the reference YAMLs) is kept as the parameter-free `loss` attribute.
+    Configs keep the reference's keys (`encoder_config`, ...); vwm.aliases.PARAM_ALIASES maps them here.
     """
 
-    def __init__(
-        self,
-        encoder_config: nn.Module,
-        decoder_config: nn.Module,
-        regularizer_config: DiagonalGaussianRegularizer,
-        loss_config: nn.Module | None = None,
-    ):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, regularizer: DiagonalGaussianRegularizer):
         super().__init__()
-        self.encoder = encoder_config
-        self.decoder = decoder_config
-        self.loss = loss_config if loss_config is not None else nn.Identity()
-        self.regularization = regularizer_config
+        self.encoder = encoder
+        self.decoder = decoder
+        self.regularization = regularizer
 
     _encode_frames = None  # the torch.compile'd encoder forward, set by compile_encoder
     _decode_frames = None  # the torch.compile'd decoder forward, set by compile_decoder
@@ -512,28 +499,22 @@ class AutoencodingEngine(nn.Module):
 class AutoencoderKLModeOnly(nn.Module):
     """The conditioner's KL-VAE: Encoder + Decoder from `ddconfig`, 1x1 quant convs; `encode` gives the mode.
 
-    `monitor` (a Lightning checkpoint metric in the reference) is accepted and ignored. The decoder and
-    `post_quant_conv` are unused by the conditioner but kept so the reference state dict loads unchanged.
+    `ddconfig` is the reference's parameter set shared by encoder and decoder; each takes its own keys of it
+    (vwm.aliases.PARAM_ALIASES drops the others). The decoder and `post_quant_conv` are unused by the
+    conditioner but kept so the reference state dict loads unchanged.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        ddconfig: dict,
-        loss_config: nn.Module | None = None,
-        monitor: str | None = None,
-    ):
+    def __init__(self, embed_dim: int, ddconfig: dict):
         super().__init__()
         ddconfig = dict(ddconfig) if isinstance(ddconfig, Mapping) else ddconfig
         if not isinstance(ddconfig, dict):
             raise ValueError(f"ddconfig must be a mapping of Encoder/Decoder params, got {type(ddconfig)}")
-        allowed = set(inspect.signature(Encoder).parameters)
+        allowed = _config_keys(Encoder) & _config_keys(Decoder)
         unknown = sorted(set(ddconfig) - allowed)
         if unknown:
             raise ValueError(f"ddconfig has unknown keys {unknown}; allowed: {sorted(allowed)}")
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
-        self.loss = loss_config if loss_config is not None else nn.Identity()
+        self.encoder = Encoder(**constructor_arguments(Encoder, ddconfig, "ddconfig"))
+        self.decoder = Decoder(**constructor_arguments(Decoder, ddconfig, "ddconfig"))
         self.regularization = DiagonalGaussianRegularizer(sample=False)
         moments = 2 if ddconfig.get("double_z", True) else 1
         self.quant_conv = nn.Conv2d(moments * ddconfig["z_channels"], moments * embed_dim, 1)

@@ -151,7 +151,7 @@ class FrozenOpenCLIPImagePredictionEmbedder(Embedder):
 
     def __init__(
         self,
-        open_clip_embedding_config: FrozenOpenCLIPImageEmbedder,
+        open_clip: FrozenOpenCLIPImageEmbedder,
         n_cond_frames: int,
         n_copies: int,
         *,
@@ -162,7 +162,7 @@ class FrozenOpenCLIPImagePredictionEmbedder(Embedder):
         super().__init__(input_key=input_key, ucg_rate=ucg_rate, is_trainable=is_trainable)
         self.n_cond_frames = n_cond_frames
         self.n_copies = n_copies
-        self.open_clip = open_clip_embedding_config
+        self.open_clip = open_clip
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B·n, 3, H, W) or (B, n, 3, H, W) -> (B·n_copies, n, D)."""
@@ -228,7 +228,7 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
         self,
         n_cond_frames: int,
         n_copies: int,
-        encoder_config: nn.Module,
+        encoder: nn.Module,
         sigma_sampler_config: Any = None,
         sigma_cond_config: Any = None,
         is_ae: bool = False,
@@ -252,7 +252,7 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
             raise ValueError(f"en_and_decode_n_samples_a_time={chunk} must be >= 1 or null")
         self.n_cond_frames = n_cond_frames
         self.n_copies = n_copies
-        self.encoder = encoder_config
+        self.encoder = encoder
         self.is_ae = is_ae
         self.scale_factor = scale_factor
         self.disable_encoder_autocast = disable_encoder_autocast

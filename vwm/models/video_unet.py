@@ -245,7 +245,6 @@ class VideoUNet(nn.Module):
         use_checkpoint: bool | Literal["auto"] = False,
         checkpoint_budget_gib: float | None = None,
         use_linear_in_transformer: bool = False,
-        spatial_transformer_attn_type: Literal["softmax", "softmax-xformers"] = "softmax",
         extra_ff_mix_layer: bool = False,
         use_spatial_context: bool = True,
         merge_strategy: MergeStrategy = "learned_with_images",
@@ -272,7 +271,6 @@ class VideoUNet(nn.Module):
         if len(depths) != len(channel_mult):
             raise ValueError(f"transformer_depth {depths} needs one entry per channel_mult level {list(channel_mult)}")
         depth_mid = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
-        del spatial_transformer_attn_type  # every attention runs through SDPA
         if use_checkpoint not in (True, False, "auto"):
             raise ValueError(f"use_checkpoint must be true, false or 'auto', got {use_checkpoint!r}")
         if checkpoint_budget_gib is not None and not checkpoint_budget_gib > 0:

@@ -91,8 +91,9 @@ class VideoLogger(pl.Callback):
     """Every `batch_frequency` optimizer steps, samples clips (EMA weights when kept) conditioned like the batch and
     writes samples | ground truth | VAE reconstruction as mp4 and a frame-grid PNG (and to TensorBoard).
 
-    Every rank samples its own batch so no rank waits for rank 0 at the next collective; rank 0 writes. Accepts the
-    reference `ImageLogger` parameters; `increase_log_steps` logs at steps 1, 2, 4, ... below the frequency.
+    Every rank samples its own batch so no rank waits for rank 0 at the next collective; rank 0 writes.
+    `increase_log_steps` logs at steps 1, 2, 4, ... below the frequency. The reference `ImageLogger` knobs without
+    effect here are dropped by vwm.aliases.PARAM_ALIASES.
     """
 
     def __init__(
@@ -103,11 +104,6 @@ class VideoLogger(pl.Callback):
         increase_log_steps: bool = True,
         log_first_step: bool = False,
         log_before_first_step: bool = False,
-        log_images_kwargs: dict | None = None,
-        enable_autocast: bool = False,
-        clamp: bool = True,
-        rescale: bool = True,
-        log_on_batch_idx: bool = False,
         fps: float = 10.0,
         out_dir: str | None = None,
     ):
@@ -121,9 +117,6 @@ class VideoLogger(pl.Callback):
         self.fps = fps
         self.out_dir = out_dir
         self._seen = -1
-        # Reference ImageLogger knobs with no effect here: samples are always clamped to [-1, 1] and written as
-        # video; autocast follows the training precision; frequency counts optimizer steps.
-        del log_images_kwargs, enable_autocast, clamp, rescale, log_on_batch_idx
 
     def _due(self, step: int) -> bool:
         if step == 0:

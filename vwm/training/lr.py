@@ -16,7 +16,6 @@ class LambdaLinearScheduler:
         f_max: Sequence[float],
         f_start: Sequence[float],
         cycle_lengths: Sequence[float],
-        verbosity_interval: int = 0,
     ):
         lengths = {len(x) for x in (warm_up_steps, f_min, f_max, f_start, cycle_lengths)}
         if len(lengths) != 1:
@@ -30,7 +29,6 @@ class LambdaLinearScheduler:
         self.cum_cycles = [0.0]
         for c in self.cycle_lengths:
             self.cum_cycles.append(self.cum_cycles[-1] + c)
-        del verbosity_interval  # the reference printed the factor every N steps; we log the LR instead
 
     def _cycle(self, n: int) -> int:
         for i in range(len(self.cycle_lengths)):
