@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from train_step import KERNEL_CATEGORIES, SyntheticClips  # noqa: E402
-from vwm.models.autoencoder import AttnBlock  # noqa: E402
+from vwm.models.vae_networks import AttnBlock  # noqa: E402
 from vwm.config import build_model, load_config, to_container  # noqa: E402
 from vwm.training.flops import GIB, unet_forward_flops  # noqa: E402
 

@@ -214,7 +214,7 @@ def main() -> None:
     network = to_container(cfg.model.params.network_config)
     fwd = unet_forward_flops(network, frames, args.height, args.width)
     if args.conv3d:
-        import vwm.models.autoencoder as ae
+        import vwm.models.vae_networks as ae
         import vwm.models.video_unet as unet
 
         def conv3d(c_in, c_out, kernel_size, padding=0):

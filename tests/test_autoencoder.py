@@ -13,16 +13,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vwm.config import instantiate, resolve_aliases, validate
-from vwm.models.autoencoder import (
-    AttnBlock,
-    AutoencoderKLModeOnly,
-    AutoencodingEngine,
-    DiagonalGaussianRegularizer,
-    Encoder,
-    ResnetBlock,
-    VideoDecoder,
-    DecoderVideoResBlock,
-)
+from vwm.models.autoencoder import AutoencoderKLModeOnly, AutoencodingEngine, DiagonalGaussianRegularizer
+from vwm.models.vae_networks import AttnBlock, DecoderVideoResBlock, Encoder, ResnetBlock, VideoDecoder
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CONFIGS = {

@@ -50,9 +50,9 @@ ALIASES: dict[str, Alias] = {
     f"{_R}guiders.TrianglePredictionGuider": Alias(
         "vwm.diffusion.guidance.TrianglePredictionGuider", ("num_frames",)
     ),
-    f"{_R}model.Encoder": Alias("vwm.models.autoencoder.Encoder"),
-    f"{_R}model.Decoder": Alias("vwm.models.autoencoder.Decoder"),
-    "vwm.modules.autoencoding.temporal_ae.VideoDecoder": Alias("vwm.models.autoencoder.VideoDecoder"),
+    f"{_R}model.Encoder": Alias("vwm.models.vae_networks.Encoder"),
+    f"{_R}model.Decoder": Alias("vwm.models.vae_networks.Decoder"),
+    "vwm.modules.autoencoding.temporal_ae.VideoDecoder": Alias("vwm.models.vae_networks.VideoDecoder"),
     "vwm.modules.autoencoding.regularizers.DiagonalGaussianRegularizer": Alias(
         "vwm.models.autoencoder.DiagonalGaussianRegularizer"
     ),
@@ -100,9 +100,9 @@ PARAM_ALIASES: dict[str, ParamAliases] = {
     "vwm.models.video_unet.VideoUNet": ParamAliases(drops={
         "spatial_transformer_attn_type": "softmax or softmax-xformers in the reference; every attention of vwm "
                                          "runs through SDPA"}),
-    "vwm.models.autoencoder.Encoder": ParamAliases(drops={
+    "vwm.models.vae_networks.Encoder": ParamAliases(drops={
         "out_ch": f"the decoder's output channels; {_DDCONFIG}"}),
-    "vwm.models.autoencoder.Decoder": ParamAliases(drops={
+    "vwm.models.vae_networks.Decoder": ParamAliases(drops={
         "in_channels": f"the encoder's input channels; {_DDCONFIG}",
         "double_z": f"the encoder's moments width (mean and log-variance); {_DDCONFIG}"}),
     "vwm.models.autoencoder.AutoencodingEngine": ParamAliases(
