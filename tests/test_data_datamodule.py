@@ -18,7 +18,8 @@ from conftest import SHARED_DIR
 from fixtures_data import BROKEN_KINDS, nuscenes_entry, truncate, write_frame_folder, write_mp4
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS
 from vwm.data.base import BrokenSampleError, Clip
-from vwm.data.datamodule import DataBudgetError, Sampler, VideoDataModule
+from vwm.data.datamodule import Sampler, VideoDataModule
+from vwm.data.sources import DataBudgetError
 from vwm.training.step import add_condition_frames
 
 T, H, W = 4, 64, 128

@@ -74,7 +74,7 @@ def _frames_with_broken_clips(root) -> list[str]:
 def _skipped_per_step(overrides, world: int, steps: int, ranks=None) -> list[int]:
     """Broken clips drawn in each optimizer step by the given ranks (default all), replayed from the data."""
     from vwm.config import instantiate, load_config
-    from vwm.data.datamodule import ClipSampler
+    from vwm.data.stream import ClipSampler
 
     data = instantiate(load_config(TINY, overrides).data, seed=23)
     data.setup(rank=0, world_size=world)

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from vwm.checkpoint import CheckpointError
-from vwm.data.datamodule import DataBudgetError
+from vwm.data.sources import DataBudgetError
 
 EXIT_USAGE = 2
 """Exit code of a user error (bad flag or config value, missing file, unusable checkpoint or data)."""

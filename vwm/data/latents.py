@@ -27,7 +27,8 @@ from vwm.checkpoint.keys import key_diff
 from vwm.cli.common import run_cli
 from vwm.config import instantiate, load_config
 from vwm.data.base import BrokenSampleError, Clip
-from vwm.data.datamodule import VideoDataModule, build_subset
+from vwm.data.datamodule import VideoDataModule
+from vwm.data.sources import build_subset
 from vwm.data.video import to_unit_range
 from vwm.dtypes import DTYPES, DtypeName
 from vwm.fsio import honour_umask

@@ -4,10 +4,18 @@ DataLoader whose state is that cursor (so a resumed run, on any number of proces
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+EXIT_TERMINATED = 128 + signal.SIGTERM
+"""Exit code of a worker its training process terminated."""
 
 
 class ClipSampler(DistributedSampler):
@@ -82,3 +90,30 @@ class ResumableDataLoader(DataLoader):
         which knows the world size it was saved with."""
         if "position" in state_dict:
             self.sampler.set_start(state_dict["epoch"], state_dict["position"])
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker setup: one intra-op thread, preemption signals left to the training process."""
+    torch.set_num_threads(1)
+    _ignore_preemption_signals()
+
+
+def _ignore_preemption_signals() -> None:
+    """Let this DataLoader worker outlive SIGTERM and SIGUSR1 sent to the whole job (schedulers signal every
+    process; torch's worker handler would let SIGTERM kill it, and the run with it, before the trainer saves at
+    the next step), while its own training process can still stop it with SIGTERM (torch's `terminate()` of a
+    worker that does not exit, multiprocessing's at exit). The signals are blocked in every thread of the worker
+    and a daemon thread takes them with `sigwaitinfo`, which names the sender (Linux; elsewhere torch's default)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = getattr(multiprocessing.parent_process(), "pid", None) or os.getppid()  # the process that started us
+    signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # threads started later inherit the mask
+
+    def take_signals() -> None:
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(EXIT_TERMINATED)
+
+    threading.Thread(target=take_signals, name="vwm-worker-signals", daemon=True).start()

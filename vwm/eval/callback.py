@@ -34,7 +34,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from vwm.data.datamodule import build_subset
+from vwm.data.sources import build_subset
 from vwm.eval.action_score import agreement, turn_label
 from vwm.eval.action_validation import toy_intrinsics
 from vwm.eval.egomotion import Intrinsics, NUSCENES_CAM_FRONT

@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 
 from vwm.checkpoint import CheckpointError, check_handoff, read_config_metadata
 from vwm.config import ConfigError, REFERENCE_SUBSETS, instantiate, locate, to_container
-from vwm.data.datamodule import VideoDataModule, build_subset
+from vwm.data.datamodule import VideoDataModule
+from vwm.data.sources import build_subset
 from vwm.schema import devices_count, logger_nodes
 
 log = logging.getLogger(__name__)

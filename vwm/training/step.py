@@ -2,7 +2,7 @@
 
 Where each part runs (Lightning calls the hooks in this order for every micro-batch):
 
- 1. data: a DataLoader worker draws clips (`vwm.data.datamodule.MultiSourceClips`), `ClipCollator` stacks them into
+ 1. data: a DataLoader worker draws clips (`vwm.data.sources.MultiSourceClips`), `ClipCollator` stacks them into
     the batch contract (vwm/data/batch.py), frames uint8.
  2. `VideoDataModule.on_before_batch_transfer`: the batch gets `data_position` (epoch, stream position of its
     first clip), which the resumable sampler also records as consumed.
