@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vwm.data.toyworld import STEERING_RATIO, WHEELBASE_M, ToyWorldSubset, render_rollout
+from vwm.data.toyworld import ToyWorldSubset, render_rollout
+from vwm.data.toyworld_scene import STEERING_RATIO, WHEELBASE_M
 from vwm.eval.action_score import agreement, commanded_headings, score_clip, spearman, turn_label
 from vwm.eval.action_validation import toy_intrinsics, validate_toy
 from vwm.eval.egomotion import Intrinsics, estimate_ego_motion, fit_planar_motion

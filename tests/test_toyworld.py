@@ -18,15 +18,8 @@ from PIL import Image
 from conftest import REPO_ROOT, clean_subprocess_env
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS, COMMANDS, STEERING_WHEEL_RANGE_DEG, key_frame_indices
 from vwm.data.base import Clip
-from vwm.data.toyworld import (
-    CAMERA,
-    STEERING_RATIO,
-    ToyWorldSubset,
-    lateral_motion,
-    main,
-    render_rollout,
-    steering_plan,
-)
+from vwm.data.toyworld import CAMERA, ToyWorldSubset, lateral_motion, main, render_rollout, steering_plan
+from vwm.data.toyworld_scene import STEERING_RATIO
 
 
 def _straight_road_indices(subset: ToyWorldSubset, count: int) -> list[int]:

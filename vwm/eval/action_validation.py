@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from vwm.data.nuscenes import NuScenesSubset
-from vwm.data.toyworld import CAMERA, STEERING_RATIO, ToyWorldSubset, WHEELBASE_M
+from vwm.data.toyworld import CAMERA, ToyWorldSubset
+from vwm.data.toyworld_scene import STEERING_RATIO, WHEELBASE_M
 from vwm.defaults import NUM_FRAMES
 from vwm.eval.action_score import agreement, score_motion, spearman
 from vwm.eval.egomotion import Intrinsics, NUSCENES_CAM_FRONT, estimate_ego_motion
