@@ -27,7 +27,8 @@ from vwm.checkpoint import (
 )
 from vwm.cli.export import main
 from vwm.config import build_model, load_config, to_container
-from vwm.export import ExportOptions, VerificationError, config_from_metadata, export_checkpoint
+from vwm.export import ExportOptions, export_checkpoint
+from vwm.export_verify import TOLERANCES, VerificationError, config_from_metadata
 
 PHASE1 = os.path.join(REPO, "configs", "tiny", "phase1.yaml")
 PHASE2 = os.path.join(REPO, "configs", "tiny", "phase2_stage1.yaml")
@@ -203,7 +204,7 @@ def test_half_precision_export_verifies_within_its_tolerance(run_ckpt, tmp_path,
     step, _ = run_ckpt
     result = export_checkpoint(ExportOptions(src=str(step), dst=str(tmp_path / "h.safetensors"), dtype=dtype))
     assert result.verification.passed and result.verification.rel_l2 > 0
-    assert result.verification.tolerance == export_module.TOLERANCES[dtype]
+    assert result.verification.tolerance == TOLERANCES[dtype]
     out, metadata = read_safetensors(str(tmp_path / "h.safetensors"))
     assert metadata["vwm_dtype"] == dtype
     assert {v.dtype for v in out.values() if v.is_floating_point()} == {torch_dtype}

@@ -28,7 +28,7 @@ from vwm.checkpoint import (
 )
 from vwm.cli.export import main as export_main
 from vwm.config import build_model, load_config
-from vwm.export import config_from_metadata
+from vwm.export_verify import config_from_metadata
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -4,9 +4,9 @@ Steps: read the source safely (DeepSpeed dir merged, `_forward_module.` stripped
 frozen weights that DeepSpeed stored in reduced precision from the phase's starting weights; fill base
 weights a reference PEFT `.bin` lost from their EMA shadows; fold the EMA (every shadow must find its
 weight); merge LoRA with the configured scale; cast; write `DST` atomically with the inference model config
-and provenance in its metadata; verify before publishing: the file loads strictly into the model built from
-the embedded config, and a denoiser forward on fixed random inputs matches the source weights' forward (EMA
-in, LoRA unmerged) within `TOLERANCES`.
+and provenance in its metadata; verify before publishing (`vwm.export_verify`): the file loads strictly into
+the model built from the embedded config, and a denoiser forward on fixed random inputs matches the source
+weights' forward (EMA in, LoRA unmerged) within its tolerances.
 """
 
 from __future__ import annotations
@@ -21,47 +21,35 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
-from torch import nn
 
 import vwm
-from vwm.actions import context_width
 from vwm.checkpoint import (
-    CheckpointError,
     check_ema_shadows,
     check_state_dict,
     ema_shadows,
     family_of,
     fill_from_ema,
     fold_ema,
-    load_weights,
     merge_lora,
-    read_config_metadata,
-    read_safetensors,
     read_state_dict,
     restore_reduced_precision,
 )
-from vwm.config import build_model, instantiate, load_config, resolve_aliases, to_container, validate
-from vwm.defaults import NUM_FRAMES
+from vwm.config import build_model, load_config, to_container
 from vwm.dtypes import DTYPES, DtypeName
+from vwm.export_verify import (
+    Verification,
+    VerificationError,
+    config_from_metadata,
+    configured_lora_scale,
+    denoiser_output,
+    verify_export,
+)
 from vwm.fsio import atomic_write_text, fsync_path, honour_umask
-from vwm.models.video_unet import UNetWrapper
 
 log = logging.getLogger(__name__)
 
-
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"rtol": 1e-4, "atol": 1e-5},
-    "bf16": {"rel_l2": 3e-2},
-    "fp16": {"rel_l2": 5e-3},
-}
-"""Verification bounds on the denoiser output of the export vs the source weights. fp32: elementwise
-|a - b| <= atol + rtol·|b|. bf16/fp16: relative L2 error ||a - b|| / ||b|| (weights rounded to 8 / 11 bits).
-Measured on the tiny model: fp32 with LoRA merged ~1e-6, bf16 ~5e-3, fp16 ~7e-4."""
-
-VERIFY_SEED = 1234
-"""Seed of the fixed random latents, noise levels and conditioning of the verification forward."""
 
 TRAINING_ONLY_PARAMS = (
     "loss_fn_config", "sampler_config", "scheduler_config", "optimizer_config", "ema_decay_rate",
@@ -71,10 +59,6 @@ TRAINING_ONLY_PARAMS = (
 """DiffusionEngine params the inference config drops, as the reference's inference YAML does."""
 
 LoraMode = Literal["merged", "kept", "none"]
-
-
-class VerificationError(CheckpointError):
-    """The exported file does not reproduce the source weights; nothing was published."""
 
 
 @dataclass
@@ -92,23 +76,6 @@ class ExportOptions:
     embedded one."""
     frozen_from: str | None = None
     """The phase's starting weights: frozen weights stored in reduced precision are restored from them."""
-
-
-@dataclass
-class Verification:
-    """Outcome of the post-write checks."""
-
-    max_abs_diff: float
-    rel_l2: float
-    tolerance: dict[str, float]
-    passed: bool
-
-    def describe(self) -> str:
-        """One line: what was compared and the result."""
-        bound = ", ".join(f"{k} {v:g}" for k, v in self.tolerance.items())
-        return (f"strict load into the model built from the embedded config: OK; denoiser forward vs source "
-                f"weights: max |diff| {self.max_abs_diff:.3g}, rel L2 {self.rel_l2:.3g} (bound {bound}): "
-                f"{'PASSED' if self.passed else 'FAILED'}")
 
 
 @dataclass
@@ -189,17 +156,6 @@ def find_run_config(src: str) -> str | None:
     return None
 
 
-def config_from_metadata(metadata: Mapping[str, str]) -> DictConfig | None:
-    """The validated model config a vwm export embeds (`vwm_config`), if any."""
-    embedded = read_config_metadata(metadata)
-    if embedded is None:
-        return None
-    cfg = OmegaConf.create(embedded)
-    resolve_aliases(cfg)
-    validate(cfg)
-    return cfg
-
-
 def resolve_source_config(opts: ExportOptions, metadata: Mapping[str, str]) -> tuple[DictConfig, str]:
     """(config the source was trained with, where it came from): --config, else the run's config.yaml, else
     the config embedded in a safetensors source."""
@@ -239,12 +195,6 @@ def inference_config(model_node: Mapping[str, Any], lora: LoraMode) -> dict[str,
     return {"model": node}
 
 
-def configured_lora_scale(model_node: Mapping) -> float:
-    """network_config.params.lora_scale of a plain model config (VideoUNet's default 1.0 when unset)."""
-    network = ((model_node.get("params") or {}).get("network_config") or {}).get("params") or {}
-    return float(network.get("lora_scale", 1.0))
-
-
 def _list(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -282,79 +232,6 @@ def prefix_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, i
         entry[0] += 1
         entry[1] += value.numel()
     return {k: (n, numel) for k, (n, numel) in sorted(counts.items())}
-
-
-# -------------------------------------------------------------------------------------------- verification
-
-
-class _Network(nn.Module):
-    """The network and preconditioning of a model config under the engine's names (`model`, `denoiser`)."""
-
-    def __init__(self, model_node: Mapping[str, Any]):
-        super().__init__()
-        params = model_node["params"]
-        self.model = UNetWrapper(instantiate(params["network_config"]))
-        self.denoiser = instantiate(params["denoiser_config"])
-        self.num_frames = int(params.get("num_frames", NUM_FRAMES))
-
-
-def _verification_inputs(
-    model_node: Mapping[str, Any], frames: int
-) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
-    """Fixed random (x, sigma, cond, cond_mask) for a network config, drawn from VERIFY_SEED."""
-    net = model_node["params"]["network_config"]["params"]
-    gen = torch.Generator().manual_seed(VERIFY_SEED)
-    side = max(8, 2 ** (len(net.get("channel_mult", (1, 2, 4, 4))) - 1))
-    out_ch, in_ch = int(net["out_channels"]), int(net["in_channels"])
-    x = torch.randn(2, frames, out_ch, side, side, generator=gen)
-    sigma = torch.tensor([5.0, 20.0])  # c_skip <= 0.04: the output is mostly the network's
-    width = context_width(net["context_dim"], bool(net.get("action_control", False)))
-    cond = {"crossattn": torch.randn(2, 1, width, generator=gen)}
-    if net.get("adm_in_channels"):
-        cond["vector"] = torch.randn(2, int(net["adm_in_channels"]), generator=gen)
-    if in_ch > out_ch:
-        cond["concat"] = torch.randn(2, in_ch - out_ch, side, side, generator=gen)
-    mask = torch.zeros(2, frames)
-    mask[:, 0] = 1.0  # a clean condition frame: exercises the condition-frame timestep MLP
-    return x, sigma, cond, mask
-
-
-@torch.no_grad()
-def denoiser_output(model_node: Mapping[str, Any], weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Denoiser output of the network of `model_node`, loaded strictly with the `model.*` keys of
-    `weights`, on the fixed verification inputs."""
-    net = _Network(model_node)
-    scale = configured_lora_scale(model_node)
-    load_weights(net, {k: v for k, v in weights.items() if k.startswith("model.")}, allow_missing=(),
-                 lora_scale=scale, name=name)
-    net.eval()
-    x, sigma, cond, mask = _verification_inputs(model_node, net.num_frames)
-    return net.denoiser(net.model, x, sigma, cond, mask)
-
-
-def verify_export(path: str, expected_config: Mapping, reference: torch.Tensor, dtype: str) -> Verification:
-    """Reload `path` strictly into the model built from its embedded config and compare its denoiser output
-    with `reference` (the source weights' output) within TOLERANCES[dtype]."""
-    tensors, metadata = read_safetensors(path)
-    cfg = _embedded_config(path, metadata, expected_config)
-    check_state_dict(build_model(cfg, device="meta").state_dict(), tensors, path, allow_missing=())
-    out = denoiser_output(to_container(cfg.model), tensors, path)
-    diff = (out - reference).abs()
-    norm = torch.linalg.vector_norm
-    rel = float(norm(out - reference) / norm(reference).clamp_min(1e-30))
-    tol = TOLERANCES[dtype]
-    if dtype == "fp32":
-        passed = bool((diff <= tol["atol"] + tol["rtol"] * reference.abs()).all())
-    else:
-        passed = rel <= tol["rel_l2"]
-    return Verification(float(diff.max()), rel, tol, passed)
-
-
-def _embedded_config(path: str, metadata: Mapping[str, str], expected: Mapping) -> DictConfig:
-    cfg = config_from_metadata(metadata)
-    if cfg is None or read_config_metadata(metadata) != expected:
-        raise VerificationError(f"{path}: the embedded vwm_config does not round-trip")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------------- export

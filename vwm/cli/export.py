@@ -8,7 +8,8 @@ import logging
 import sys
 
 from vwm.cli.common import quiet, run_cli
-from vwm.export import ExportOptions, VerificationError, export_checkpoint
+from vwm.export import ExportOptions, export_checkpoint
+from vwm.export_verify import VerificationError
 
 EXIT_USAGE = 2
 """Exit code of a user error (bad arguments, missing file, unusable checkpoint)."""
