@@ -36,11 +36,12 @@ import torch  # noqa: E402
 
 from vwm.actions import ACTION_KEYS  # noqa: E402
 from vwm.config import build_model, instantiate, load_config  # noqa: E402
+from vwm.data.batch import action_batch  # noqa: E402
 from vwm.data.toyworld import ToyWorldSubset, lateral_motion, render_rollout, steering_plan  # noqa: E402
 from vwm.eval.psnr import psnr_per_frame  # noqa: E402
 from vwm.media import to_uint8_frames  # noqa: E402
-from vwm.rollout import (Placement, RolloutSettings, action_batch, normalise_actions, rollout,  # noqa: E402
-                         sample_generator)
+from vwm.rollout import Placement, RolloutSettings, rollout, sample_generator  # noqa: E402
+from vwm.sampling.actions import normalise_actions  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 from demo import SAMPLING, SPEED_MS, STEER_DEG  # noqa: E402

@@ -30,6 +30,8 @@ sys.path.insert(0, REPO)
 import vwm  # noqa: E402  (torchvision shim before open_clip / Lightning)
 from vwm import rollout as ro  # noqa: E402
 from vwm.config import build_model, load_config  # noqa: E402
+from vwm.data.batch import action_batch  # noqa: E402
+from vwm.sampling.actions import normalise_actions  # noqa: E402
 
 
 def _start_frame(height: int, width: int) -> torch.Tensor:
@@ -60,7 +62,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
     placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode in ("compiled", "fp8"),
                              fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None)
     frames = _start_frame(args.height, args.width)
-    actions = [ro.action_batch([ro.normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
+    actions = [action_batch([normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
     settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
     start = time.perf_counter()
     ro.rollout(model, frames, actions, [ro.sample_generator(0, 1)], settings, placement)

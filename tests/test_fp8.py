@@ -9,6 +9,7 @@ from helpers import build_tiny, make_batch
 from torch import nn
 
 from vwm import rollout as ro
+from vwm.data.batch import action_batch
 from vwm.models import fp8
 from vwm.models.video_unet import SpatialVideoTransformer
 
@@ -56,7 +57,7 @@ def test_fp8_rollout_stays_close_to_the_bf16_rollout(monkeypatch):
     """The tiny model's transformers are narrower than MIN_FEATURES: lower it so that they convert."""
     monkeypatch.setattr(fp8, "MIN_FEATURES", 16)
     frames = make_batch(b=1, t=5, seed=0)["img_seq"][:, :3]
-    actions = [ro.action_batch([{"command": torch.tensor([1.0])}])]
+    actions = [action_batch([{"command": torch.tensor([1.0])}])]
     settings = ro.RolloutSettings(n_rounds=1, n_steps=3)
     videos = []
     for use_fp8 in (False, True):

@@ -13,10 +13,12 @@ from helpers import build_tiny, make_batch
 
 from vwm import rollout as ro
 from vwm.actions import ACTION_KEYS
+from vwm.data.batch import action_batch
 from vwm.diffusion.guidance import (
     IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG,
 )
 from vwm.diffusion.sampler import HeunEDMSampler
+from vwm.sampling.actions import load_action_plan, normalise_actions
 
 T = 5  # tiny model frames
 
@@ -28,7 +30,7 @@ def tiny():
 
 def _inputs(b: int = 1, n_rounds: int = 1, seed: int = 0, index0: int = 0):
     frames = make_batch(b=b, t=T, seed=seed)["img_seq"][:, :3]
-    actions = [ro.action_batch([{"command": torch.tensor([1.0])}] * b)] * n_rounds
+    actions = [action_batch([{"command": torch.tensor([1.0])}] * b)] * n_rounds
     generators = [ro.sample_generator(23, index0 + i) for i in range(b)]
     return frames, actions, generators
 
@@ -114,7 +116,7 @@ def test_a_sample_does_not_depend_on_its_batch(tiny):
     settings = ro.RolloutSettings(n_steps=2)
     pair = _run(tiny, settings, b=2)
     frames, actions, _ = _inputs(2)
-    second = ro.rollout(tiny, frames[1:], [ro.action_batch([{"command": torch.tensor([1.0])}])],
+    second = ro.rollout(tiny, frames[1:], [action_batch([{"command": torch.tensor([1.0])}])],
                         [ro.sample_generator(23, 1)], settings, ro.Placement(tiny, "cpu"))
     # Same noise stream; only float rounding of batched kernels differs (amplified by sigma_max = 700).
     torch.testing.assert_close(pair.latents[1:], second.latents, rtol=1e-3, atol=1e-3)
@@ -208,14 +210,14 @@ def test_zero_noise_ensemble_has_reward_exactly_one(tiny, monkeypatch):
 
 
 def test_actions_in_reference_units_are_normalised():
-    got = ro.normalise_actions({"trajectory": [[1, 0], [2, 0.5], [3, 1], [4, 2]], "command": "left",
+    got = normalise_actions({"trajectory": [[1, 0], [2, 0.5], [3, 1], [4, 2]], "command": "left",
                                 "speed": [5, 5, 6, 6], "angle": [-390, 0, 78, 780], "goal": [800, 450]})
     assert got["trajectory"].tolist() == [1, 0, 2, 0.5, 3, 1, 4, 2]
     assert got["command"].tolist() == [1.0]
     assert got["speed"].tolist() == [5, 5, 6, 6]
     torch.testing.assert_close(got["angle"], torch.tensor([-0.5, 0.0, 0.1, 1.0]))
     torch.testing.assert_close(got["goal"], torch.tensor([0.5, 0.5]))
-    batch = ro.action_batch([got, {}])
+    batch = action_batch([got, {}])
     assert batch["action_mask"].tolist() == [[True] * 5, [False] * 5]
     assert all(not batch[k][1].any() for k in ACTION_KEYS)
 
@@ -231,21 +233,21 @@ def test_actions_in_reference_units_are_normalised():
 ])
 def test_action_errors(raw, message):
     with pytest.raises(ValueError, match=message):
-        ro.normalise_actions(raw, "actions_json round 1")
+        normalise_actions(raw, "actions_json round 1")
 
 
 def test_action_plan_file(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"command": 0}))
-    assert [r["command"].item() for r in ro.load_action_plan(str(path), 3)] == [0.0, 0.0, 0.0]
+    assert [r["command"].item() for r in load_action_plan(str(path), 3)] == [0.0, 0.0, 0.0]
     path.write_text(json.dumps([{"command": 0}, {"command": "left", "speed": [1, 1, 1, 1]}]))
-    plan = ro.load_action_plan(str(path), 2)
+    plan = load_action_plan(str(path), 2)
     assert plan[1]["command"].item() == 1.0 and "speed" not in plan[0]
     with pytest.raises(ValueError, match=r"a list of 2; allowed: one object .* n_rounds=3"):
-        ro.load_action_plan(str(path), 3)
+        load_action_plan(str(path), 3)
     path.write_text("{oops")
     with pytest.raises(ValueError, match="is not valid JSON"):
-        ro.load_action_plan(str(path), 1)
+        load_action_plan(str(path), 1)
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ def test_explore_policy_steering_maps_to_view_motion_and_is_deterministic():
 
 
 def test_steering_plan_is_a_valid_action_json_with_the_commanded_direction():
-    from vwm.rollout import normalise_actions
+    from vwm.sampling.actions import normalise_actions
 
     left = steering_plan(8.0, 120.0, seed=1, height=64, width=64, num_frames=8, start_index=2)
     right = steering_plan(8.0, -120.0, seed=1, height=64, width=64, num_frames=8, start_index=2)

@@ -11,7 +11,7 @@ training step's business (`vwm.training.step.add_condition_frames`), drawn from 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,20 @@ def finalize_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def action_batch(per_sample: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The contract's actions of per-sample action dicts (a collated batch, a sampling round): every action key
+    (B, F) float32, zero where absent, and action_mask (B, 5)."""
+    batch = {k: torch.zeros(len(per_sample), ACTION_FEATURES[k], dtype=torch.float32) for k in ACTION_KEYS}
+    mask = torch.zeros(len(per_sample), len(ACTION_KEYS), dtype=torch.bool)
+    for i, actions in enumerate(per_sample):
+        for j, key in enumerate(ACTION_KEYS):
+            if key in actions:
+                batch[key][i] = actions[key].float()
+                mask[i, j] = True
+    batch["action_mask"] = mask
+    return batch
+
+
 class ClipCollator:
     """Stack dataset items into the batch contract (frames left uint8 unless `convert`); items from a latent
     cache give `latent_moments` (B,T,2C,h,w) and the condition frame instead of `img_seq`."""
@@ -60,15 +74,7 @@ class ClipCollator:
                 "cond_frames_without_noise": torch.stack([it["frames"][0] for it in items])}
         else:
             batch = {"img_seq": torch.stack([it["frames"] for it in items])}
-        mask = torch.zeros(size, len(ACTION_KEYS), dtype=torch.bool)
-        for i, key in enumerate(ACTION_KEYS):
-            values = torch.zeros(size, ACTION_FEATURES[key], dtype=torch.float32)
-            for b, item in enumerate(items):
-                if key in item["actions"]:
-                    values[b] = item["actions"][key]
-                    mask[b, i] = True
-            batch[key] = values
-        batch["action_mask"] = mask
+        batch.update(action_batch([it["actions"] for it in items]))
         batch["n_skipped"] = torch.tensor([it["n_skipped"] for it in items], dtype=torch.long)
         batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
         batch["cond_aug"] = torch.full((size,), self.cond_aug, dtype=torch.float32)

@@ -13,9 +13,11 @@ from torch import nn
 
 from vwm import rollout as ro
 from vwm.data.base import Clip
+from vwm.data.batch import action_batch
 from vwm.data.video import to_unit_range
 from vwm.eval.protocol import Protocol
 from vwm.models.engine import DiffusionEngine
+from vwm.sampling.actions import select_modality
 
 ACTION_MODALITY: dict[str, str | None] = {
     "free": None, "traj": "trajectory", "trajectory": "trajectory", "cmd": "command", "command": "command",
@@ -59,7 +61,7 @@ def shown_actions(clips: Sequence[Clip], action: str) -> dict[str, torch.Tensor]
     if action not in ACTION_MODALITY:
         raise ValueError(f"action={action!r} is invalid; allowed: {', '.join(ACTION_MODALITY)}")
     modality = ACTION_MODALITY[action]
-    return ro.action_batch([ro.select_modality(c.actions, modality)[0] for c in clips])
+    return action_batch([select_modality(c.actions, modality)[0] for c in clips])
 
 
 def generate(model: DiffusionEngine, placement: ro.Placement, clips: Sequence[Clip], indices: Sequence[int],

@@ -21,11 +21,11 @@ from vwm.rollout import (
     Placement,
     decode_rollout,
     ensemble_reward,
-    load_action_plan,
     output_frames,
     sample_generator,
     sample_latents,
 )
+from vwm.sampling.actions import load_action_plan
 from vwm.sampling.model import configured_frames, describe_model, load_model, model_config
 from vwm.sampling.options import SampleOptions, check_options, resolve_device, rollout_settings
 from vwm.sampling.outputs import peak_memory, shown_actions, write_outputs, write_rewards

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vwm.data.batch import action_batch
 from vwm.data.nuscenes import NuScenesSubset
 from vwm.data.toyworld import ToyWorldSubset
 from vwm.data.video import IMAGE_EXTENSIONS, decode_image, to_unit_range
-from vwm.rollout import action_batch, select_modality
+from vwm.sampling.actions import select_modality
 from vwm.sampling.options import ACTION_MODES, TOY_CLIPS, SampleOptions
 
 
