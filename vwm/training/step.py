@@ -18,6 +18,8 @@ Where each part runs (Lightning calls the hooks in this order for every micro-ba
     gradient norm and learning rate are finite before any update.
  6. `DiffusionEngine.optimizer_step`: the update, then the EMA once per applied update.
  7. callbacks (`on_train_batch_end`): `CheckpointEvery` (commit protocol, signals), metrics file, throughput.
+    When due, the video logger and the in-training evaluation sample with generators of their own (seeded by
+    the step, resp. the evaluation seed); they draw nothing from the step's generator or the global RNG.
 """
 
 from __future__ import annotations
