@@ -8,11 +8,14 @@ import itertools
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -159,21 +162,54 @@ def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(tmp
     assert not (ckpts / ".step-000000006.partial").exists()
 
 
+def _stacks_and_output(proc: subprocess.Popen, out_file, why: str) -> str:
+    """A hung job's Python stacks (every thread of every process: PYTHONFAULTHANDLER prints them on SIGABRT) and
+    the tail of its output, for the assertion message; the job is killed."""
+    try:
+        os.killpg(proc.pid, signal.SIGABRT)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    text = re.sub(r"Extension modules:[^\n]*?(?=Fatal Python error|\n|$)", "", out_file.read_text(errors="replace"))
+    return f"{why}; output and stacks:\n" + text[-30000:]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_to_the_process_group_with_dataloader_workers_saves_at_the_next_step_and_exits_143(tmp_path):
     cmd = [sys.executable, TRAIN, "--base", TINY, "--logdir", str(tmp_path), "--name", "term", "--accelerator",
            "cpu", "--n_devices", "2", "--max_steps", "1000", "lightning.checkpoint.every_n_steps=1000",
-           "data.params.num_workers=2"]
-    proc = subprocess.Popen(cmd, env=clean_subprocess_env(), cwd=str(tmp_path), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "data.params.num_workers=2", "data.params.timeout=120"]
     metrics = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.5)
+    # One CI run (1 in ~60 runs seen) never finished its first step before any signal was sent: the stacks of
+    # such a start-up hang are reported as a warning and the start is tried once more; a second hang fails.
+    for attempt in (1, 2):
+        out_file = tmp_path / f"out{attempt}.txt"
+        with open(out_file, "w") as out:  # a file, not a pipe: the job never blocks on a full pipe
+            proc = subprocess.Popen(cmd, env=clean_subprocess_env(PYTHONFAULTHANDLER="1"), cwd=str(tmp_path),
+                                    start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+            assert proc.poll() is None, out_file.read_text()[-6000:]
+            time.sleep(0.5)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        report = _stacks_and_output(proc, out_file, "no two training steps within 240 s, before any signal")
+        if attempt == 2:
+            pytest.fail(report)
+        warnings.warn(report[-12000:])
+        shutil.rmtree(tmp_path / "term")
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job, workers included
-    out, _ = proc.communicate(timeout=300)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(_stacks_and_output(proc, out_file, "still running 300 s after SIGTERM"))
+    out = out_file.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "killed by signal" not in out
     steps = [int(p.name.split("-")[1]) for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.startswith("step-")]
