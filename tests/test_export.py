@@ -268,6 +268,10 @@ def test_handoff_allows_only_what_a_phase_adds(tmp_path):
         check_handoff(load_config(PHASE1).model, scaling.model, str(src))
     with pytest.raises(CheckpointError, match=r"emb_models: checkpoint has 10 embedders, config 5"):
         check_handoff(phase2_cfg.model, load_config(PHASE1).model, "phase2.safetensors")
+    # memory settings are the phase's own choice
+    memory = load_config(PHASE2, ["model.params.network_config.params.use_checkpoint=False",
+                                  "model.params.network_config.params.checkpoint_budget_gib=40"])
+    check_handoff(load_config(PHASE1).model, memory.model, str(src))
 
 
 @pytest.mark.parametrize("args, message", [

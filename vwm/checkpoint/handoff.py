@@ -17,6 +17,7 @@ from vwm.config import is_node, locate, node_arguments, param_aliases, to_contai
 
 HANDOFF_NETWORK_PARAMS = frozenset({
     "add_lora", "lora_rank", "lora_scale", "action_control", "separate_cond_time_embed", "use_checkpoint",
+    "checkpoint_budget_gib",
 })
 """Network parameters a training phase may set differently from the config of its starting weights: the
 families it adds (initialised by `load_weights`) and memory settings. Dead reference keys (PARAM_ALIASES drops)
