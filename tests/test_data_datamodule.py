@@ -145,6 +145,28 @@ def test_constructor_errors_name_the_field(mixed_root):
 
 # ------------------------------------------------------------------------------------------ batch contract
 
+def test_spawned_workers_give_the_batches_of_in_process_loading(mixed_root):
+    """data.params.worker_start=spawn (the remedy for fork's rare start-up deadlock): real OpenDV + nuScenes
+    subsets are pickled into fresh interpreters and give exactly the batches loaded in-process."""
+    def batches(**kwargs):
+        dm = _dm(_mixed_subsets(mixed_root), batch_size=3, samples_per_epoch=6, **kwargs)
+        dm.setup()
+        loader = dm.train_dataloader()
+        method = loader.multiprocessing_context and loader.multiprocessing_context.get_start_method()
+        assert method == kwargs.get("worker_start")
+        return list(loader)
+
+    spawned, plain = batches(num_workers=2, worker_start="spawn"), batches()
+    assert len(spawned) == len(plain) == 2
+    for a, b in zip(spawned, plain):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+    with pytest.raises(ValueError, match=r"worker_start='forkserver' must be one of \[None, 'fork', 'spawn'\]"):
+        _dm(["YouTube"], worker_start="forkserver")
+
+
 def test_batch_contract_with_mixed_action_types(mixed_root):
     dm = _dm(_mixed_subsets(mixed_root), batch_size=6, samples_per_epoch=24, convert_on_device=False)
     dm.setup()

@@ -181,10 +181,12 @@ def _stacks_and_output(proc: subprocess.Popen, out_file, why: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigterm_to_the_process_group_with_dataloader_workers_saves_at_the_next_step_and_exits_143(tmp_path):
+@pytest.mark.parametrize("worker_start", ["fork", "spawn"])
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_at_the_next_step_and_exits_143(tmp_path,
+                                                                                                  worker_start):
     cmd = [sys.executable, TRAIN, "--base", TINY, "--logdir", str(tmp_path), "--name", "term", "--accelerator",
            "cpu", "--n_devices", "2", "--max_steps", "1000", "lightning.checkpoint.every_n_steps=1000",
-           "data.params.num_workers=2", "data.params.timeout=120"]
+           "data.params.num_workers=2", "data.params.timeout=120", f"data.params.worker_start={worker_start}"]
     metrics = tmp_path / "term" / "metrics.jsonl"
     # One CI run (1 in ~60 runs seen) never finished its first step before any signal was sent: the stacks of
     # such a start-up hang are reported as a warning and the start is tried once more; a second hang fails.

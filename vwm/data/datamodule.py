@@ -17,7 +17,7 @@ import torch
 from vwm.config import REFERENCE_SUBSETS, to_container
 from vwm.data.batch import FPS_ID, MOTION_BUCKET_ID, ClipCollator, finalize_batch
 from vwm.data.sources import ClipSource, MultiSourceClips, Visibility, build_subset
-from vwm.data.stream import ClipSampler, ResumableDataLoader, worker_init
+from vwm.data.stream import WORKER_START_METHODS, ClipSampler, ResumableDataLoader, worker_init
 from vwm.data.video import check_target_size
 from vwm.defaults import NUM_FRAMES, TRAIN_HEIGHT, TRAIN_WIDTH
 
@@ -41,7 +41,8 @@ class VideoDataModule(pl.LightningDataModule):
                  seed: int | None = None, action_visibility: Visibility = "rotate", pin_memory: bool = True,
                  persistent_workers: bool = True, timeout: float = 600.0, max_consecutive_failures: int = 16,
                  max_failure_fraction: float = 0.1, convert_on_device: bool = True, cond_aug: float = 0.0,
-                 fps_id: int = FPS_ID, motion_bucket_id: int = MOTION_BUCKET_ID):
+                 fps_id: int = FPS_ID, motion_bucket_id: int = MOTION_BUCKET_ID,
+                 worker_start: str | None = None):
         super().__init__()
         subsets, probs = to_container(subsets), to_container(probs)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -67,6 +68,8 @@ class VideoDataModule(pl.LightningDataModule):
             raise ValueError(f"action_visibility={action_visibility!r} must be 'rotate' or 'all'")
         if not 0.0 <= max_failure_fraction <= 1.0:
             raise ValueError(f"max_failure_fraction={max_failure_fraction!r} must be in [0, 1]")
+        if worker_start not in WORKER_START_METHODS:
+            raise ValueError(f"worker_start={worker_start!r} must be one of {list(WORKER_START_METHODS)}")
         if not timeout >= 0 or not cond_aug >= 0:
             raise ValueError(f"timeout={timeout!r} and cond_aug={cond_aug!r} must be >= 0")
         self.batch_size = batch_size
@@ -84,6 +87,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.timeout = float(timeout)
+        self.worker_start = worker_start
         self.max_consecutive_failures = max_consecutive_failures
         self.max_failure_fraction = float(max_failure_fraction)
         self.convert_on_device = convert_on_device
@@ -165,7 +169,8 @@ class VideoDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=self.persistent_workers and workers, timeout=self.timeout if workers else 0.0,
-            worker_init_fn=worker_init if workers else None, position_fn=self.position)
+            worker_init_fn=worker_init if workers else None, position_fn=self.position,
+            multiprocessing_context=self.worker_start if workers else None)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Record that a training step receives this batch: the data position moves past it. The batch gets

@@ -92,6 +92,15 @@ class ResumableDataLoader(DataLoader):
             self.sampler.set_start(state_dict["epoch"], state_dict["position"])
 
 
+WORKER_START_METHODS = (None, "fork", "spawn")
+"""How DataLoader workers start (`data.params.worker_start`). None is the platform's default: fork on Linux, fast
+(the dataset index is shared copy-on-write) but a process that forks while other threads hold locks (gloo, NCCL,
+a pin-memory thread) can, rarely, leave a worker deadlocked before its first batch. spawn starts each worker as a
+fresh interpreter (a few seconds more per worker, once, with persistent workers) and has no such hazard.
+forkserver is not offered: its server process belongs to the job's process group, dies with a scheduler's
+SIGTERM, and the workers forked from it then exit, which ends the run before it saves."""
+
+
 def worker_init(worker_id: int) -> None:
     """DataLoader worker setup: one intra-op thread, preemption signals left to the training process."""
     torch.set_num_threads(1)
