@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from vwm.actions import ACTION_KEYS  # noqa: E402
 from vwm.config import build_model, instantiate, load_config  # noqa: E402
 from vwm.data.batch import action_batch  # noqa: E402
+from vwm.training.step import add_condition_frames  # noqa: E402
 from vwm.data.toyworld import ToyWorldSubset, lateral_motion, render_rollout, steering_plan  # noqa: E402
 from vwm.eval.psnr import psnr_per_frame  # noqa: E402
 from vwm.media import to_uint8_frames  # noqa: E402
@@ -68,6 +69,7 @@ def action_use(engine, batch: dict, sigmas: list[float]) -> dict:
     """x0 MSE of the non-condition frames per sigma with true / shuffled / zeroed actions."""
     engine.eval()
     gen = torch.Generator(device=engine.device).manual_seed(1234)
+    batch = add_condition_frames(dict(batch), gen)  # the training step adds them; the data's batch has none
     z = engine.latents_of(batch, gen)
     shuffled = dict(batch)
     for k in (*ACTION_KEYS, "action_mask"):
@@ -276,6 +278,9 @@ def main() -> int:
                 engine.model_ema(engine.model)
             losses.append(float(loss))
             step += 1
+            if step == args.steps and args.save_model:  # before the evaluation: a failing probe keeps the model
+                torch.save({"state_dict": engine.state_dict(), "overrides": args.overrides, "steps": step},
+                           args.save_model)
             if step % args.eval_every == 0 or step == args.steps:
                 window = losses[-args.eval_every:]
                 row = {**common, "step": step, "loss": round(sum(window) / len(window), 5),
@@ -285,9 +290,6 @@ def main() -> int:
                     row["steering"] = steering_test(engine, cfg, args.indices, settings, SPEED_MS, STEER_DEG)
                 print(json.dumps(row), flush=True)
                 if step == args.steps:
-                    if args.save_model:
-                        torch.save({"state_dict": engine.state_dict(), "overrides": args.overrides,
-                                    "steps": step}, args.save_model)
                     final_variants(engine, cfg, args, common)
             if step == args.steps:
                 break

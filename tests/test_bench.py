@@ -70,3 +70,24 @@ def test_scaling_bench_runs_train_py_under_torchrun_and_reports_efficiency(tmp_p
     assert rows[0]["efficiency"] == 1.0 and rows[1]["efficiency"] > 0
     for n in (1, 2):
         assert (tmp_path / "runs" / f"scale-n{n}" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_demo_probe_trains_saves_and_reloads_the_model_it_measures(tmp_path):
+    """bench/demo_probe.py (the demo-tuning measurements of docs/toyworld.md): a 2-step run reports the loss, the
+    action use and the rollout measures, saves its model before evaluating, and a reload measures the same."""
+    probe = os.path.join(REPO, "bench", "demo_probe.py")
+    model = tmp_path / "m.pt"
+    common = ["--indices", "0", "--n_steps", "2", "--sampling", "2:3:4:80"]
+    run = subprocess.run([sys.executable, probe, "--steps", "2", "--eval_every", "2", "--save_model", str(model),
+                          *common], env=clean_subprocess_env(), capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert rows[0]["step"] == 2 and set(rows[0]["action_use"]) == {"0.3", "1", "3"}
+    assert 0 < rows[0]["steering"]["psnr_db_mean"] < 60 and model.is_file()
+    again = subprocess.run([sys.executable, probe, "--load_model", str(model), *common], env=clean_subprocess_env(),
+                           capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    reloaded = [json.loads(line) for line in again.stdout.splitlines()]
+    assert reloaded[-1]["steering"]["psnr_db_mean"] == rows[-1]["steering"]["psnr_db_mean"]
