@@ -55,6 +55,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
     """Build the model on the device, warm up (compiling, in modes `compiled` and `fp8`), time one rollout; the
     result line of this mode (with its PSNR against `reference`, the first mode's video) and the video."""
     low_vram = mode == "low_vram"
+    torch.manual_seed(0)  # the same random weights in every mode, so the modes' rollouts compare (PSNR)
     model = build_model(cfg, device=device)
     if model.num_frames != args.frames:
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
@@ -87,6 +88,15 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
         "finite": bool(torch.isfinite(result.video).all()), "torch": torch.__version__,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
+    if args.decode_bf16:  # the same latents decoded again with the VAE decoder in bf16 (Placement(decode_dtype=))
+        chunk = placement.decode_chunk(settings) or result.latents.shape[1]
+        model.first_stage_model.decoder.to(torch.bfloat16)
+        for _ in range(2):  # the first call compiles in the compiled modes; the second is timed
+            start = time.perf_counter()
+            video_bf16 = ro.decode_latents(model, result.latents.to(device), chunk).clamp(-1.0, 1.0).cpu()
+            decode_bf16_s = time.perf_counter() - start
+        line["decode_bf16_s"] = round(decode_bf16_s, 3)
+        line["decode_bf16_psnr_vs_fp32_db"] = round(_psnr(video_bf16, result.video), 2)
     if reference is not None:  # the same rollout (seed, actions) of the first mode: what this mode changes
         line["psnr_vs_first_mode_db"] = round(_psnr(result.video, reference), 2)
     video = result.video.cpu()
@@ -120,6 +130,9 @@ def main() -> None:
                              "(warmup_s includes the compilation); fp8: compiled with FP8 linear layers "
                              "(sample.py --fp8); low_vram: one module on the GPU at a time. Every mode after "
                              "the first reports its PSNR against the first mode's rollout")
+    parser.add_argument("--decode_bf16", action="store_true",
+                        help="also decode each mode's latents with the VAE decoder in bf16: its time and PSNR "
+                             "against the fp32 decode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cudnn_benchmark", choices=["on", "off"], default="off",
                         help="torch.backends.cudnn.benchmark: time the convolution algorithms for the fixed shapes")

@@ -152,17 +152,22 @@ class Placement:
     (default bf16 on CUDA, fp32 elsewhere; inputs are cast on the way in and outputs back to fp32, so the
     sampler state stays fp32), everything on `device` (low_vram: on the CPU), and with `compile_unet` the
     UNet's layers and the VAE decoder compiled (`VideoUNet.compile_layers`); with `fp8` its large linear layers run as FP8 products
-    (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights.
+    (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights, except the VAE
+    decoder when `decode_dtype` is given (bf16: about twice as fast, within bf16 rounding of the fp32 frames).
     """
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
-                 unet_dtype: torch.dtype | None = None, compile_unet: bool = False, fp8: bool = False):
+                 unet_dtype: torch.dtype | None = None, compile_unet: bool = False, fp8: bool = False,
+                 decode_dtype: torch.dtype | None = None):
         self.model = model
         self.device = torch.device(device)
         self.low_vram = low_vram
         self.unet_dtype = unet_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         model.eval().requires_grad_(False)
         model.model.to(dtype=self.unet_dtype)
+        decoder = getattr(model.first_stage_model, "decoder", None)
+        if decode_dtype is not None and isinstance(decoder, nn.Module):
+            decoder.to(dtype=decode_dtype)  # decode_first_stage's output is cast back to fp32 (decode_latents)
         model.to("cpu" if low_vram else self.device)
         if fp8:
             if self.unet_dtype != torch.bfloat16:

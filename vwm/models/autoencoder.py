@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from vwm.aliases import constructor_arguments, param_aliases
+from vwm.dtypes import module_dtype
 from vwm.models.vae_networks import Decoder, Encoder, VideoDecoder  # noqa: F401  (VideoDecoder: config targets)
 
 
@@ -87,9 +88,10 @@ class AutoencodingEngine(nn.Module):
         self._decode_frames = torch.compile(self.decoder.forward, dynamic=False)
 
     def decode(self, z: torch.Tensor, timesteps: int) -> torch.Tensor:
-        """Latents ((B·T), z, h, w) of clips of `timesteps` frames -> frames ((B·T), 3, H, W)."""
+        """Latents ((B·T), z, h, w) of clips of `timesteps` frames -> frames ((B·T), 3, H, W), in the decoder's
+        dtype (sampling may run the decoder in bf16 while the encoder stays fp32: `Placement(decode_dtype=)`)."""
         decoder = self.decoder if self._decode_frames is None else self._decode_frames
-        return decoder(z, timesteps=timesteps)
+        return decoder(z.to(module_dtype(self.decoder, z.dtype)), timesteps=timesteps)
 
     def encode_video(
         self, x: torch.Tensor, chunk_size: int, generator: torch.Generator | None = None
