@@ -265,3 +265,25 @@ def test_compiled_unet_samples_the_same_rollout():
     assert compiled.first_stage_model._decode_frames is not None, "the VAE decoder is compiled with the UNet"
     torch.testing.assert_close(got.latents, expected.latents, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got.video, expected.video, rtol=2e-3, atol=2e-3)  # through the compiled decoder
+
+
+def test_bf16_decoder_changes_only_the_decode_and_stays_within_bf16_rounding():
+    """Placement(decode_dtype=torch.bfloat16) (sample.py --decode_dtype bf16) runs the VAE decoder in bf16 and
+    nothing else: the encoder stays fp32, the sampled latents are bit-identical (one round: no decoded frame feeds
+    the conditioning), and the video differs from the fp32 decode only by bf16 rounding."""
+    settings = ro.RolloutSettings(n_rounds=1, n_steps=2, cfg_scale=2.0)
+    ref = build_tiny()
+    expected = _run(ref, settings)
+    model = build_tiny()
+    model.load_state_dict(ref.state_dict())
+    frames, actions, generators = _inputs(1, 1, 0, 0)
+    placement = ro.Placement(model, "cpu", decode_dtype=torch.bfloat16)
+    vae = model.first_stage_model
+    assert {p.dtype for p in vae.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in vae.encoder.parameters()} == {torch.float32}
+    got = ro.rollout(model, frames, actions, generators, settings, placement)
+    assert torch.equal(got.latents, expected.latents)
+    assert got.video.dtype == torch.float32
+    diff = (got.video - expected.video).abs()
+    assert diff.max() > 0, "the bf16 decoder was not used"
+    assert diff.max() < 0.05 and diff.mean() < 5e-3, (float(diff.max()), float(diff.mean()))

@@ -71,7 +71,9 @@ def run(opts: SampleOptions) -> dict:
     model = load_model(opts, cfg)
     assert model.num_frames == num_frames, (model.num_frames, num_frames)
     compile_unet = opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
-    placement = Placement(model, device, low_vram=opts.low_vram, compile_unet=compile_unet, fp8=opts.fp8)
+    bf16_decode = opts.decode_dtype == "bf16" or (opts.decode_dtype == "auto" and device.type == "cuda")
+    placement = Placement(model, device, low_vram=opts.low_vram, compile_unet=compile_unet, fp8=opts.fp8,
+                          decode_dtype=torch.bfloat16 if bf16_decode else None)
     os.makedirs(opts.save, exist_ok=True)
     records, started = [], time.perf_counter()
     for first in tqdm(range(0, len(indices), opts.batch_size), desc="batches", unit="batch", file=sys.stderr):
