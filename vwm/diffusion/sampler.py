@@ -187,6 +187,7 @@ def make_denoise_fn(
     "Applying guidance in a limited interval"): at σ <= guidance_sigma_min the closure returns the conditional
     estimate alone (one network pass, the guider is not applied), above it the guided one. Guidance decides
     the coarse layout at high noise; at low noise it mostly scales up the difference of the two passes' errors.
+    When set, each call reads σ on the host (one device sync per call on a GPU).
     """
     if not (math.isfinite(guidance_sigma_min) and guidance_sigma_min >= 0.0):
         raise ValueError(f"guidance_sigma_min must be a finite float >= 0, got {guidance_sigma_min!r}")
