@@ -153,7 +153,9 @@ def steering_test(engine, cfg, indices: list[int], settings: RolloutSettings, sp
                                   / 2 ** len(left), 5)
     result["mean_left"] = round(sum(left) / len(left), 4)
     result["mean_right"] = round(sum(right) / len(right), 4)
-    result["sampling"] = {k: getattr(settings, k) for k in ("n_steps", "cfg_scale", "sigma_min", "sigma_max")}
+    result["sampling"] = {k: getattr(settings, k) for k in ("n_steps", "cfg_scale", "sigma_min", "sigma_max",
+                                                             "guidance_sigma_min", "sampler",
+                                                             "final_antithetic")}
     return result
 
 
@@ -177,10 +179,21 @@ def evaluate_export(args) -> int:
 
 
 def parse_sampling(variant: str) -> RolloutSettings:
-    """"n_steps:cfg_scale:sigma_min:sigma_max" -> RolloutSettings."""
-    n_steps, cfg_scale, sigma_min, sigma_max = variant.split(":")
+    """"n_steps:cfg_scale:sigma_min:sigma_max[:field=value...]" -> RolloutSettings; the optional trailing fields
+    set further RolloutSettings fields, e.g. "12:3:4:80:guidance_sigma_min=10:sampler=heun" (a value is read
+    as a number where it is one, else kept as text)."""
+    n_steps, cfg_scale, sigma_min, sigma_max, *extra = variant.split(":")
+    fields = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RolloutSettings.__dataclass_fields__ or key in ("n_steps", "cfg_scale"):
+            raise ValueError(f"--sampling {variant!r}: {item!r} is not field=value of a RolloutSettings field")
+        try:
+            fields[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            fields[key] = {"true": True, "false": False}.get(value.lower(), value)
     return RolloutSettings(n_steps=int(n_steps), cfg_scale=float(cfg_scale), sigma_min=float(sigma_min),
-                           sigma_max=float(sigma_max))
+                           sigma_max=float(sigma_max), **fields)
 
 
 def final_variants(engine, cfg, args, common: dict, force: bool = False) -> None:

@@ -72,6 +72,23 @@ def test_scaling_bench_runs_train_py_under_torchrun_and_reports_efficiency(tmp_p
         assert (tmp_path / "runs" / f"scale-n{n}" / "metrics.jsonl").is_file()
 
 
+def test_demo_probe_sampling_variants_set_further_rollout_fields():
+    """--sampling "steps:cfg:sigma_min:sigma_max[:field=value...]": numbers, booleans and names after the four."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_probe", os.path.join(REPO, "bench", "demo_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    plain = probe.parse_sampling("12:3:4:80")
+    assert (plain.n_steps, plain.cfg_scale, plain.sigma_min, plain.sigma_max) == (12, 3.0, 4.0, 80.0)
+    assert (plain.guidance_sigma_min, plain.final_antithetic, plain.sampler) == (0.0, False, "euler")
+    more = probe.parse_sampling("12:3:4:80:guidance_sigma_min=6.5:final_antithetic=true:sampler=heun")
+    assert (more.guidance_sigma_min, more.final_antithetic, more.sampler) == (6.5, True, "heun")
+    for bad in ("12:3:4:80:nosuch=1", "12:3:4:80:cfg_scale=2", "12:3:4:80:guidance_sigma_min"):
+        with pytest.raises(ValueError, match="is not field=value of a RolloutSettings field"):
+            probe.parse_sampling(bad)
+
+
 @pytest.mark.slow
 def test_demo_probe_trains_saves_and_reloads_the_model_it_measures(tmp_path):
     """bench/demo_probe.py (the demo-tuning measurements of docs/toyworld.md): a 2-step run reports the loss, the

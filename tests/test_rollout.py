@@ -177,13 +177,23 @@ def test_noise_schedule_runs_from_sigma_max_down_to_sigma_min_then_returns_the_e
     ("n_conds", 4, "[0, 3]"), ("cfg_scale", 0.5, ">= 1"), ("n_steps", 0, ">= 1"), ("decode_chunk", 0, ">= 1"),
     ("sampler", "ddim", "euler or heun"), ("sigma_min", 0.0, "(0, sigma_max=700.0)"),
     ("sigma_min", 700.0, "(0, sigma_max=700.0)"), ("sigma_max", float("inf"), "a finite float > 0"),
-    ("sigma_max", -1.0, "a finite float > 0"),
+    ("sigma_max", -1.0, "a finite float > 0"), ("guidance_sigma_min", -1.0, "a finite float >= 0"),
+    ("guidance_sigma_min", float("nan"), "a finite float >= 0"),
 ])
 def test_settings_errors_name_the_field_value_and_allowed(field, value, allowed):
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + ".*" + re.escape(allowed)):
         ro.RolloutSettings(**{field: value}).validate(5)
     with pytest.raises(ValueError, match="more than 3 frames"):
         ro.RolloutSettings(n_rounds=2, n_conds=1).validate(3)
+
+
+def test_settings_pass_the_guidance_interval_and_the_antithetic_final_step_to_the_sampler():
+    assert (ro.RolloutSettings().guidance_sigma_min, ro.RolloutSettings().final_antithetic) == (0.0, False)
+    for name in ("euler", "heun"):
+        sampler = ro.make_sampler(name, 4, VanillaCFG(2.0), 4.0, 80.0, guidance_sigma_min=6.0, final_antithetic=True)
+        assert (sampler.guidance_sigma_min, sampler.final_antithetic) == (6.0, True)
+        plain = ro.make_sampler(name, 4, VanillaCFG(2.0), 4.0, 80.0)
+        assert (plain.guidance_sigma_min, plain.final_antithetic) == (0.0, False)
 
 
 def test_ensemble_reward_definition():

@@ -14,7 +14,13 @@ from vwm.diffusion.guidance import (
     VanillaCFG,
 )
 from vwm.diffusion.noise import EDMDiscretization
-from vwm.diffusion.sampler import EulerEDMSampler, HeunEDMSampler, make_denoise_fn, sample_euler_edm
+from vwm.diffusion.sampler import (
+    EulerEDMSampler,
+    HeunEDMSampler,
+    antithetic_denoise,
+    make_denoise_fn,
+    sample_euler_edm,
+)
 
 B, T, C, H, W = 2, 4, 3, 5, 6
 
@@ -242,3 +248,72 @@ def test_callback_sees_every_step():
 def test_sampler_rejects_bad_num_steps():
     with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
         _sampler(steps=0)
+
+
+# --- guidance interval and the antithetic final step -------------------------------------------------
+
+
+def test_guidance_interval_uses_the_conditional_estimate_at_and_below_its_lower_bound():
+    cond, uc = _conds()
+    x = _noise() * 3.0
+    plain = make_denoise_fn(DENOISER, CondNetwork(), cond, uc, VanillaCFG(2.0))
+    net = CondNetwork()
+    limited = make_denoise_fn(DENOISER, net, cond, uc, VanillaCFG(2.0), guidance_sigma_min=4.0)
+    conditional = DENOISER(CondNetwork(), x, torch.tensor(4.0).expand(B), cond, None)
+    # above the bound: the guided estimate, one batched pass
+    assert torch.equal(limited(x, torch.tensor(5.0)), plain(x, torch.tensor(5.0)))
+    assert net.calls[-1]["x_in"].shape[0] == 2 * B
+    # at (and below) the bound: the conditional estimate alone, one conditional pass
+    assert torch.equal(limited(x, torch.tensor(4.0)), conditional)
+    assert net.calls[-1]["x_in"].shape[0] == B
+    with pytest.raises(ValueError, match="guidance_sigma_min must be a finite float >= 0"):
+        make_denoise_fn(DENOISER, CondNetwork(), cond, uc, VanillaCFG(2.0), guidance_sigma_min=-1.0)
+
+
+def test_sampler_guidance_interval_skips_the_unconditional_pass_in_the_low_noise_steps():
+    cond, uc = _conds()
+    disc = EDMDiscretization(sigma_min=4.0, sigma_max=80.0)
+    levels = disc(6).tolist()[:-1]
+    net = CondNetwork()
+    EulerEDMSampler(6, disc, VanillaCFG(2.0), guidance_sigma_min=10.0)(DENOISER, net, _noise(), cond, uc)
+    assert [c["x_in"].shape[0] for c in net.calls] == [2 * B if s > 10.0 else B for s in levels]
+    # 0 (the default) guides every step, as before
+    net = CondNetwork()
+    EulerEDMSampler(6, disc, VanillaCFG(2.0))(DENOISER, net, _noise(), cond, uc)
+    assert [c["x_in"].shape[0] for c in net.calls] == [2 * B] * 6
+
+
+def test_antithetic_denoise_cancels_an_error_linear_in_the_noise():
+    """A denoiser that returns the clean sample plus b times the noise in its input (the grain an under-trained
+    network leaves) keeps only b²/σ of it under the antithetic estimate (the partner's noise is -(σ - 2b)·n);
+    a general one is averaged over the two inputs."""
+    clean, noise, sigma, b = _noise(5), _noise(6), torch.tensor(4.0), 0.3
+    x = clean + sigma * noise
+    grainy = lambda y, s: clean + b * (y - clean) / s  # noqa: E731
+    torch.testing.assert_close(grainy(x, sigma), clean + b * noise)
+    torch.testing.assert_close(antithetic_denoise(grainy, x, sigma), clean + b**2 / sigma * noise)
+    tanh = lambda y, s: torch.tanh(y) / s  # noqa: E731
+    d = tanh(x, sigma)
+    torch.testing.assert_close(antithetic_denoise(tanh, x, sigma, d), 0.5 * (d + tanh(2 * d - x, sigma)))
+
+
+def test_final_antithetic_changes_only_the_last_step_and_costs_one_pass():
+    cond, uc = _conds()
+    mask = torch.tensor([[1.0, 0, 0, 0], [1.0, 1.0, 0, 0]])
+    cond_frame, noise = _noise(3), _noise(4)
+    disc = EDMDiscretization(sigma_min=4.0, sigma_max=80.0)
+    seen_plain, seen_anti = [], []
+    plain = EulerEDMSampler(5, disc, VanillaCFG(2.0))(DENOISER, CondNetwork(), noise, cond, uc, cond_frame, mask,
+                                                     callback=seen_plain.append)
+    net = CondNetwork()
+    anti = EulerEDMSampler(5, disc, VanillaCFG(2.0), final_antithetic=True)(
+        DENOISER, net, noise, cond, uc, cond_frame, mask, callback=seen_anti.append)
+    assert len(net.calls) == 5 + 1
+    for a, b in zip(seen_plain[:-1], seen_anti[:-1]):
+        assert torch.equal(a["x"], b["x"])
+    x_last, sigma_last = seen_plain[-2]["x"], disc(5)[-2]
+    denoise = make_denoise_fn(DENOISER, CondNetwork(), cond, uc, VanillaCFG(2.0), cond_frame, mask)
+    expected = antithetic_denoise(denoise, x_last, sigma_last)
+    expected = torch.where(mask.bool()[:, :, None, None, None], cond_frame, expected)
+    torch.testing.assert_close(anti, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(anti, plain)

@@ -73,6 +73,13 @@ class RolloutSettings:
     high noise (the demo's) gives cleaner frames when the schedule stops where it was trained."""
     sigma_max: float = SIGMA_MAX
     """First noise level of the schedule (the reference: 700)."""
+    guidance_sigma_min: float = 0.0
+    """Guidance only at noise levels above this (Kynkäänniemi et al. 2024, guidance in a limited interval); at
+    and below it the sampler uses the conditional estimate alone. 0 (the reference): guidance at every level."""
+    final_antithetic: bool = False
+    """The last step (sigma_min -> 0) returns the mean of the estimates at x and at its antithetic partner
+    (vwm.diffusion.sampler.antithetic_denoise): the noise-linear part of the denoiser's error, the pixel grain of
+    an under-trained model, cancels; one more guided network pass per round. False: the reference's estimate."""
 
     def validate(self, num_frames: int) -> None:
         """Raise ValueError naming the field, its value and what is allowed, for a model of num_frames."""
@@ -95,6 +102,8 @@ class RolloutSettings:
             ("sigma_min", self.sigma_min,
              math.isfinite(self.sigma_min) and 0.0 < self.sigma_min < self.sigma_max,
              f"a float in (0, sigma_max={self.sigma_max!r})"),
+            ("guidance_sigma_min", self.guidance_sigma_min,
+             math.isfinite(self.guidance_sigma_min) and self.guidance_sigma_min >= 0.0, "a finite float >= 0"),
         )
         for name, value, ok, allowed in checks:
             if not ok:
@@ -135,14 +144,16 @@ def make_guider(name: GuiderName | None, cfg_scale: float, n_rounds: int) -> Gui
 
 
 def make_sampler(name: SamplerName, n_steps: int, guider: Guider, sigma_min: float = SIGMA_MIN,
-                 sigma_max: float = SIGMA_MAX) -> EulerEDMSampler:
+                 sigma_max: float = SIGMA_MAX, guidance_sigma_min: float = 0.0,
+                 final_antithetic: bool = False) -> EulerEDMSampler:
     """Deterministic EDM sampler (no churn), Euler or Heun, over the Karras schedule from sigma_max down to
-    sigma_min and then 0 (default: the reference's 700 -> 0.002)."""
+    sigma_min and then 0 (default: the reference's 700 -> 0.002), guided only above guidance_sigma_min."""
     cls = {"euler": EulerEDMSampler, "heun": HeunEDMSampler}.get(name)
     if cls is None:
         raise ValueError(f"sampler={name!r} is invalid; allowed: euler, heun")
     return cls(num_steps=n_steps, discretization_config=EDMDiscretization(sigma_min, sigma_max, RHO),
-               guider_config=guider, s_churn=0.0, s_tmin=0.0, s_tmax=999.0, s_noise=1.0)
+               guider_config=guider, s_churn=0.0, s_tmin=0.0, s_tmax=999.0, s_noise=1.0,
+               guidance_sigma_min=guidance_sigma_min, final_antithetic=final_antithetic)
 
 
 class Placement:
@@ -286,7 +297,8 @@ def sample_latents(
     with _timed(timings, "condition_s", dev):
         c, uc = _conditioning(model, placement, first, first + aug, actions[0], settings.cond_aug, False)
     guider = make_guider(settings.guider, settings.cfg_scale, settings.n_rounds)
-    sampler = make_sampler(settings.sampler, settings.n_steps, guider, settings.sigma_min, settings.sigma_max)
+    sampler = make_sampler(settings.sampler, settings.n_steps, guider, settings.sigma_min, settings.sigma_max,
+                           settings.guidance_sigma_min, settings.final_antithetic)
     latent_shape = (t, *z.shape[2:])
     first_cond = z.new_zeros(b, *latent_shape)
     first_cond[:, :n_enc] = z
