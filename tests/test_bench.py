@@ -108,3 +108,23 @@ def test_demo_probe_trains_saves_and_reloads_the_model_it_measures(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     reloaded = [json.loads(line) for line in again.stdout.splitlines()]
     assert reloaded[-1]["steering"]["psnr_db_mean"] == rows[-1]["steering"]["psnr_db_mean"]
+
+
+def test_gpu_measure_script_uses_only_flags_its_tools_accept():
+    """bench/gpu_measure.sh (the open GPU measurements of issues #13 and #15) cannot run here; every flag it passes
+    to a bench tool must be one the tool's --help lists, and every config it names must exist."""
+    import re
+
+    with open(os.path.join(REPO, "bench", "gpu_measure.sh")) as f:
+        text = f.read().replace("\\\n", " ")
+    calls = re.findall(r'"\$PY" (bench/\w+\.py)([^|]*?)2>>', text)
+    assert {tool for tool, _ in calls} == {"bench/train_step.py", "bench/sample.py", "bench/evaluate.py"}
+    helps = {}
+    for tool, args in calls:
+        if tool not in helps:
+            helps[tool] = subprocess.run([sys.executable, os.path.join(REPO, tool), "--help"], capture_output=True,
+                                         text=True, check=True, env=clean_subprocess_env(), timeout=300).stdout
+        for flag in re.findall(r"(?<!\S)(--[\w-]+)", args):
+            assert re.search(re.escape(flag) + r"(?![\w-])", helps[tool]), f"{tool} has no {flag}"
+        for config in re.findall(r"configs/[\w/]+\.yaml", args):
+            assert os.path.exists(os.path.join(REPO, config)), config
