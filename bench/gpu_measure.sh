@@ -6,30 +6,51 @@
 #   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8), each
 #                                      # with the VAE decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh eval     # the Vista-protocol evaluation's seconds per clip (compiled UNet)
-# Each run prints its JSON line (device named) as it finishes; a part stops at its time limit with what it has.
+# Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
+# past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
+# makes a part that compiles the same UNet again cheaper than on its own).
+# Each run prints its JSON line (device named) as it finishes; a run stopped at its time limit keeps what it printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-PART=${1:?usage: bash bench/gpu_measure.sh train|sample|eval}
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval [more parts]" >&2; exit 2; }
+for part in "$@"; do
+  case $part in train|sample|eval) ;; *) echo "unknown part $part; allowed: train, sample, eval" >&2; exit 2 ;; esac
+done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 OUT=${OUT:-bench/results/$(date +%F)-${GPU}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
-git rev-parse HEAD 2>/dev/null | sed 's/^/commit /' >>"$OUT/$PART.log"
-t0=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - t0) )); }  # seconds left of a part's budget
-case $PART in
-  train)
-    timeout 250 "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 --width 1024 \
-      --checkpointing auto --steps 8 --warmup 3 --profile "$OUT/train576_profile.txt" 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
-    timeout 150 "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 --width 576 \
-      --checkpointing auto --steps 10 --warmup 3 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
-    timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
-      --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
-  sample)
-    timeout 560 "$PY" bench/sample.py --modes compiled fp8 --decode_bf16 2>>"$OUT/$PART.log" | tee -a "$OUT/sample.jsonl" ;;
-  eval)
-    timeout 560 "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" | tee -a "$OUT/evaluate.jsonl" ;;
-  *) echo "unknown part $PART; allowed: train, sample, eval" >&2; exit 2 ;;
-esac
-echo "{\"part\": \"$PART\", \"seconds\": $(( $(date +%s) - t0 )), \"out\": \"$OUT\"}"
+start=$(date +%s)
+# cap T: T seconds, or fewer where BUDGET_S leaves fewer (at least 1)
+cap() {
+  local t=$1
+  if [ -n "${BUDGET_S:-}" ]; then
+    local r=$(( BUDGET_S - ($(date +%s) - start) ))
+    [ "$r" -lt "$t" ] && t=$r
+  fi
+  [ "$t" -lt 1 ] && t=1
+  echo "$t"
+}
+for PART in "$@"; do
+  t0=$(date +%s)
+  left() { cap $(( $1 - ($(date +%s) - t0) )); }  # seconds left of the part's own budget, within BUDGET_S
+  git rev-parse HEAD 2>/dev/null | sed 's/^/commit /' >>"$OUT/$PART.log"
+  case $PART in
+    train)
+      timeout "$(cap 250)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --checkpointing auto --steps 8 --warmup 3 --profile "$OUT/train576_profile.txt" \
+        2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
+      timeout "$(cap 150)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
+        --width 576 --checkpointing auto --steps 10 --warmup 3 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
+      timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
+        --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
+    sample)
+      timeout "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 --decode_bf16 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/sample.jsonl" ;;
+    eval)
+      timeout "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/evaluate.jsonl" ;;
+  esac
+  echo "{\"part\": \"$PART\", \"seconds\": $(( $(date +%s) - t0 )), \"out\": \"$OUT\"}"
+done
