@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from train_step import KERNEL_CATEGORIES, SyntheticClips  # noqa: E402
 from vwm.models.vae_networks import AttnBlock  # noqa: E402
 from vwm.config import build_model, load_config, to_container  # noqa: E402
+from vwm.training.activation_plan import apply_activation_plan  # noqa: E402
 from vwm.training.flops import GIB, unet_forward_flops  # noqa: E402
 
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -115,7 +116,8 @@ def main() -> None:
     p.add_argument("--vae-variants", nargs="+", default=["nchw", "channels_last", "channels_last_compiled"])
     p.add_argument("--sdpa", nargs="+", default=["default", "cudnn"], choices=sorted(BACKENDS))
     p.add_argument("--unet-batch", type=int, default=2, help="UNet forward batch (2 = batched CFG sampling)")
-    p.add_argument("--checkpointing", choices=["config", "on", "off"], default="config")
+    p.add_argument("--checkpointing", choices=["config", "on", "off", "auto"], default="config",
+                   help="auto: the trainer's activation plan for this GPU's memory (use_checkpoint: auto)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the UNet layers")
     p.add_argument("--top", type=int, default=12, help="costliest kernels listed per profiled region")
     p.add_argument("overrides", nargs="*")
@@ -124,12 +126,14 @@ def main() -> None:
     device = torch.device(args.device)
     overrides = list(args.overrides) + ["model.params.compile_model=False"]
     if args.checkpointing != "config":
-        overrides.append(f"model.params.network_config.params.use_checkpoint={args.checkpointing == 'on'}")
+        value = "auto" if args.checkpointing == "auto" else args.checkpointing == "on"
+        overrides.append(f"model.params.network_config.params.use_checkpoint={value}")
     cfg = load_config(args.config, overrides)
     frames = int(cfg.model.params.num_frames)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, device=device)
     model.to(dtype)  # EMA shadows stay fp32 (LitEma._apply)
+    plan = apply_activation_plan(model, cfg, world_size=1, precision="bf16-mixed", device=device)
     if args.compile:
         model.unet.compile_layers()
     common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -209,21 +213,30 @@ def main() -> None:
         with torch.no_grad():
             z = model.encode_first_stage(batch["img_seq"].to(dtype), generator=gen.manual_seed(0))
 
-        def loss_step():
+        def loss_step(check: dict | None = None):
             out = model.loss_fn(model.model, model.denoiser, model.conditioner(batch, generator=gen.manual_seed(1)),
                                 z, generator=gen.manual_seed(2))
             out.loss.backward()
+            if check is not None:  # what the trainer's update check sees: the loss and the gradients' finiteness
+                named = [(n, q.grad) for n, q in model.model.named_parameters() if q.grad is not None]
+                bad = [n for n, g in named if not torch.isfinite(g).all()]
+                check.update(loss=float(out.loss.detach().float()), nonfinite_grads=len(bad), nonfinite_names=bad[:8],
+                             grad_norm=float(torch.linalg.vector_norm(
+                                 torch.stack([torch.linalg.vector_norm(g.float()) for _, g in named]))))
             for prm in model.model.parameters():
                 prm.grad = None
 
+        check: dict = {}
         t0 = time.perf_counter()
-        loss_step()
+        loss_step(check)
         _sync(device)
         first = round(time.perf_counter() - t0, 2)
         stats = timed(loss_step, device, args.reps)
         cats = kernel_categories(loss_step, device, args.top)
         ckpt = bool(cfg.model.params.network_config.params.get("use_checkpoint", False))
-        emit("loss_fwd_bwd", checkpointing=ckpt, compiled=args.compile, first_call_s=first, unet_fwd_tflop=round(fwd_flop / 1e12, 1),
+        if plan is not None:
+            check["stored_layers"] = len(plan.stored)
+        emit("loss_fwd_bwd", checkpointing=ckpt, **check, compiled=args.compile, first_call_s=first, unet_fwd_tflop=round(fwd_flop / 1e12, 1),
              tflops_per_s=round((4 if ckpt else 3) * fwd_flop / stats["s_median"] / 1e12, 1), **stats, kernels=cats)
 
     if "optimizer" in args.regions:
