@@ -1,6 +1,7 @@
 """Sampling time and peak memory of one clip: 25x576x1024, 50 Euler steps with CFG (VanillaCFG 2.5), in the
 normal mode (everything on the GPU, bf16 UNet, batched CFG), the same with the UNet compiled, and the --low_vram mode (only the module in use on
-the GPU, small decode windows), with random weights of the full-size Vista config built on the GPU. The
+the GPU, small decode windows), with random weights of the full-size Vista config built on the GPU (the zero-initialised layers randomised too, so
+that the UNet's output depends on its weights and the modes' PSNR against each other measures something). The
 reference takes 47.7 s and 52.5 GiB on one H100 (DESIGN.md §6).
 
     python bench/sample.py                  # GPU; one JSON line per mode
@@ -50,6 +51,24 @@ def _peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def randomize_zero_weights(module: torch.nn.Module, seed: int = 0) -> int:
+    """Give every all-zero floating-point weight of `module` random values of scale 1/sqrt(fan-in); the number of
+    tensors changed. A freshly built SVD UNet zero-initialises its output convolution (and the last layer of
+    every block), so its output is exactly zero whatever its other weights: every sampling mode would then
+    produce the same video (the denoiser's skip path alone), and a PSNR between modes (FP8 against bf16)
+    would measure nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point() and param.dim() >= 1 and not param.any():
+                fan_in = param[0].numel() if param.dim() > 1 else param.numel()
+                values = torch.randn(param.shape, generator=gen) / math.sqrt(fan_in)
+                param.copy_(values.to(param.dtype))
+                changed += 1
+    return changed
+
+
 def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
                reference: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """Build the model on the device, warm up (compiling, in modes `compiled` and `fp8`), time one rollout; the
@@ -57,6 +76,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
     low_vram = mode == "low_vram"
     torch.manual_seed(0)  # the same random weights in every mode, so the modes' rollouts compare (PSNR)
     model = build_model(cfg, device=device)
+    randomize_zero_weights(model.unet)
     if model.num_frames != args.frames:
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
                          "num_frames)")

@@ -128,3 +128,34 @@ def test_gpu_measure_script_uses_only_flags_its_tools_accept():
             assert re.search(re.escape(flag) + r"(?![\w-])", helps[tool]), f"{tool} has no {flag}"
         for config in re.findall(r"configs/[\w/]+\.yaml", args):
             assert os.path.exists(os.path.join(REPO, config)), config
+
+
+def test_sample_bench_randomises_zero_initialised_weights_so_modes_can_differ():
+    """bench/sample.py compares sampling modes (FP8 against bf16) by PSNR on random weights; a freshly built UNet
+    outputs exactly zero (zero-initialised output layers), which made every mode's video identical (PSNR inf on
+    the H100, 2026-12-06). After randomize_zero_weights the output depends on the weights."""
+    import importlib.util
+
+    import torch
+    from helpers import build_tiny, make_batch
+
+    spec = importlib.util.spec_from_file_location("bench_sample", os.path.join(REPO, "bench", "sample.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batch = make_batch(b=1)
+
+    def denoised(model):
+        torch.manual_seed(1)
+        cond, _ = model.get_conditioning(batch)
+        z = torch.randn(1, model.num_frames, 4, 8, 8)
+        with torch.no_grad():
+            return model.denoiser(model.model, z, torch.full((1,), 2.0), cond, torch.zeros(1, model.num_frames))
+
+    fresh = [build_tiny(nonzero=False, seed=s) for s in (0, 1)]
+    # different random weights, the same output: the UNet contributes nothing, only the skip path c_skip * x
+    torch.testing.assert_close(denoised(fresh[0]), denoised(fresh[1]), rtol=0, atol=0)
+    assert bench.randomize_zero_weights(fresh[0].unet) > 0
+    assert bench.randomize_zero_weights(fresh[1].unet, seed=5) > 0
+    a, b = denoised(fresh[0]), denoised(fresh[1])
+    assert torch.isfinite(a).all() and (a - b).abs().mean() > 1e-3
+    assert bench.randomize_zero_weights(fresh[0].unet) == 0  # nothing left at zero

@@ -197,6 +197,19 @@ def test_a_non_finite_update_is_refused_on_every_rank_before_it_is_applied(tmp_p
     assert [row["step"] for row in _rows(tmp_path / "nan")] == [1]
 
 
+def test_a_non_finite_gradient_under_compiled_layers_names_the_eager_fallback():
+    """The refusal's hint names compile_model=False only when the UNet layers are compiled and the gradients (not
+    the loss or the learning rate) are what failed."""
+    from vwm.training.guards import update_hint
+
+    model = build_tiny()
+    assert "compile_model" not in update_hint(model, gradients=True)
+    model.unet.compile_layers()  # wraps each layer; nothing compiles until a layer runs
+    assert "model.params.compile_model=False" in update_hint(model, gradients=True)
+    assert "compile_model" not in update_hint(model, gradients=False)
+    assert update_hint(model).startswith("Resume from the last checkpoint")
+
+
 @pytest.mark.slow
 def test_a_checkpoint_with_non_finite_ema_is_never_committed(tmp_path):
     result = _run(tmp_path, "ema", "--max_steps", "6", faults="nan_ema:4")

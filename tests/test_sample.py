@@ -335,7 +335,7 @@ def test_sample_py_end_to_end_in_a_subprocess(ckpt, tmp_path):
 
 def test_decode_dtype_bf16_decodes_in_bf16_within_rounding_of_fp32(ckpt, tmp_path, monkeypatch):
     """--decode_dtype bf16 runs the VAE decoder in bf16: the frames differ from the fp32 decode's by a few
-    8-bit levels at most, and the decoder really received bf16 latents."""
+    8-bit levels at most, and the decoder really received bf16 latents; the default (auto) is fp32 on a CPU."""
     from vwm.models import autoencoder
 
     seen = []
@@ -347,10 +347,15 @@ def test_decode_dtype_bf16_decodes_in_bf16_within_rounding_of_fp32(ckpt, tmp_pat
         return out
 
     monkeypatch.setattr(autoencoder.AutoencodingEngine, "decode", spy)
-    runs = [_run(ckpt[0], tmp_path, "--dataset", "TOY", "--index", "1", "--png", *extra, name=name)
-            for name, extra in (("fp32", []), ("bf16", ["--decode_dtype", "bf16"]))]
-    assert [rc for rc, _ in runs] == [0, 0]
-    assert set(seen) == {torch.float32, torch.bfloat16}
-    a, b = (_pngs(os.path.join(save, "toy_000001", "frames")).astype(int) for _, save in runs)
+    runs = []
+    for name, extra in (("fp32", ["--decode_dtype", "fp32"]), ("bf16", ["--decode_dtype", "bf16"]), ("auto", [])):
+        seen.clear()
+        runs.append(_run(ckpt[0], tmp_path, "--dataset", "TOY", "--index", "1", "--png", *extra, name=name))
+        runs[-1] += (set(seen),)
+    assert [rc for rc, _, _ in runs] == [0, 0, 0]
+    # the default (auto) decodes in bf16 on CUDA only: on this CPU it is the fp32 decode
+    assert [dtypes for _, _, dtypes in runs] == [{torch.float32}, {torch.bfloat16}, {torch.float32}]
+    a, b, c = (_pngs(os.path.join(save, "toy_000001", "frames")).astype(int) for _, save, _ in runs)
     assert a.shape == b.shape
     assert np.abs(a - b).max() <= 8 and np.abs(a - b).mean() < 1.0
+    assert np.array_equal(a, c)

@@ -164,8 +164,8 @@ class Placement:
     sampler state stays fp32), everything on `device` (low_vram: on the CPU), and with `compile_unet` the
     UNet's layers and the VAE decoder compiled (`VideoUNet.compile_layers`); with `fp8` its large linear layers run as FP8 products
     (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights, except the VAE
-    decoder when `decode_dtype` is given (bf16: within bf16 rounding of the fp32 frames; its speed is not yet timed
-    on a GPU, docs/performance.md).
+    decoder when `decode_dtype` is given (bf16: within bf16 rounding of the fp32 frames, 58 dB PSNR, and 1.75 ->
+    0.96 s for a 25x576x1024 clip on an H100, docs/performance.md).
     """
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,

@@ -101,9 +101,10 @@ def parser(reward: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true",
                    help="the UNet's large linear layers as FP8 products (GPUs of compute capability 8.9+: Ada, "
                         "Hopper); faster, at a small fidelity cost (docs/sampling.md)")
-    p.add_argument("--decode_dtype", choices=["auto", "fp32", "bf16"], default="fp32",
-                   help="the VAE decoder's precision (auto: bf16 on CUDA); bf16 stays within bf16 rounding of the "
-                        "fp32 frames and is expected to decode faster (not yet timed; docs/sampling.md)")
+    p.add_argument("--decode_dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the VAE decoder's precision (auto: bf16 on CUDA, fp32 elsewhere; fp32 is the reference's): "
+                        "bf16 stays within bf16 rounding of the fp32 frames (58 dB PSNR) and decodes a "
+                        "25x576x1024 clip in 0.96 s instead of 1.75 s on an H100 (docs/sampling.md)")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the plan (config, samples, frames, parameters, weight memory) and exit")
     return p

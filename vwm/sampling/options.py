@@ -62,7 +62,7 @@ class SampleOptions:
     low_vram: bool = False
     compile: str = "auto"
     fp8: bool = False
-    decode_dtype: Literal["auto", "fp32", "bf16"] = "fp32"
+    decode_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     batch_size: int = 1
     decode_chunk: int | None = None
     fps: float = 10.0

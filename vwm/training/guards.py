@@ -57,6 +57,19 @@ class UpdateCheck:
     """Broken samples skipped while drawing this step's batches, summed over ranks and micro-batches."""
 
 
+def update_hint(module: Any, gradients: bool = False) -> str:
+    """What a user can do about a refused update. Non-finite gradients under compiled UNet layers point at the
+    compiler too: on an H100 (torch 2.11, 2026-12-06) the compiled 576x1024 phase-1 step produced non-finite
+    gradients at its first step while the eager step was finite (docs/performance.md)."""
+    hint = "Resume from the last checkpoint with a lower learning rate or check the data of this step."
+    unet = getattr(module, "unet", None)
+    compiled = unet is not None and any(getattr(m, "compiled_run", None) is not None for m in unet.modules())
+    if gradients and compiled:
+        hint += (" This run compiles the UNet layers (model.params.compile_model=True); if the first steps already "
+                 "fail, train eagerly with model.params.compile_model=False, whose numerics are the same.")
+    return hint
+
+
 def check_update(module: pl.LightningModule, optimizer: Any, loss_non_finite: torch.Tensor | None,
                  skipped: torch.Tensor | None) -> UpdateCheck:
     """Agree on all ranks (one all-gather) that the loss of every micro-batch, the global gradient norm and the
@@ -77,7 +90,7 @@ def check_update(module: pl.LightningModule, optimizer: Any, loss_non_finite: to
     step = module.global_step + 1  # the step this update would complete (the metrics and checkpoint number)
     loss_ranks = [r for r, row in enumerate(rows) if row[0]]
     grad_ranks = [r for r, row in enumerate(rows) if row[1]]
-    hint = "Resume from the last checkpoint with a lower learning rate or check the data of this step."
+    hint = update_hint(module, gradients=bool(grad_ranks))
     if loss_ranks:
         raise FloatingPointError(f"non-finite loss at step {step} on rank(s) {loss_ranks}; no update was "
                                  f"applied. {hint}")
