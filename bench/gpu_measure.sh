@@ -6,6 +6,9 @@
 #   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8), each
 #                                      # with the VAE decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh eval     # the Vista-protocol evaluation's seconds per clip (compiled UNet)
+#   bash bench/gpu_measure.sh compiled_train  # why compiled training failed on an H100 (2026-12-06): the loss forward +
+#                                      # backward with compiled layers, every layer checkpointed, at 320x576 and
+#                                      # (with CUDA_LAUNCH_BLOCKING=1, so an illegal access names its kernel) 576x1024
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
 # makes a part that compiles the same UNet again cheaper than on its own).
@@ -13,9 +16,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train [more parts]" >&2; exit 2; }
 for part in "$@"; do
-  case $part in train|sample|eval) ;; *) echo "unknown part $part; allowed: train, sample, eval" >&2; exit 2 ;; esac
+  case $part in
+    train|sample|eval|compiled_train) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train" >&2; exit 2 ;;
+  esac
 done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 OUT=${OUT:-bench/results/$(date +%F)-${GPU}}
@@ -51,6 +57,12 @@ for PART in "$@"; do
     eval)
       timeout "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/evaluate.jsonl" ;;
+    compiled_train)
+      timeout "$(cap 200)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 320 --width 576 \
+        --regions loss --reps 2 --top 0 --checkpointing on --compile 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl"
+      CUDA_LAUNCH_BLOCKING=1 timeout "$(left 560)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml \
+        --height 576 --width 1024 --regions loss --reps 1 --top 0 --checkpointing on --compile 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/compiled_train.jsonl" ;;
   esac
   echo "{\"part\": \"$PART\", \"seconds\": $(( $(date +%s) - t0 )), \"out\": \"$OUT\"}"
 done

@@ -118,7 +118,8 @@ def test_gpu_measure_script_uses_only_flags_its_tools_accept():
     with open(os.path.join(REPO, "bench", "gpu_measure.sh")) as f:
         text = f.read().replace("\\\n", " ")
     calls = re.findall(r'"\$PY" (bench/\w+\.py)([^|]*?)2>>', text)
-    assert {tool for tool, _ in calls} == {"bench/train_step.py", "bench/sample.py", "bench/evaluate.py"}
+    assert {tool for tool, _ in calls} == {"bench/train_step.py", "bench/sample.py", "bench/evaluate.py",
+                                          "bench/regions.py"}
     helps = {}
     for tool, args in calls:
         if tool not in helps:
