@@ -242,3 +242,54 @@ def test_mode_only_autoencoder_returns_the_posterior_mode():
         torch.testing.assert_close(z, vae.quant_conv(vae.encoder(x))[:, :4])
         assert torch.equal(z, vae.encode(x))
         assert vae.decode(z).shape == (3, 3, 16, 16)
+
+
+def test_block_dct_first_stage_is_exactly_invertible_and_normalises_each_frequency():
+    """BlockDCTAutoencoder: orthonormal per-block DCT (energy kept, DC = patch x block mean), each channel divided
+    by its channel_std, decode the exact inverse; no state-dict entries; block_dct_std gives unit-std channels on
+    the frames it was measured on."""
+    from vwm.models.autoencoder import BlockDCTAutoencoder, block_dct_std, dct_matrix
+
+    m = dct_matrix(4)
+    torch.testing.assert_close(m @ m.T, torch.eye(4), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(6, 3, 4, 5, generator=g), size=(16, 20), mode="bilinear")
+    x = (smooth + 0.05 * torch.randn(6, 3, 16, 20, generator=g)).clamp(0, 1) * 2 - 1  # mostly low frequencies
+    plain = BlockDCTAutoencoder(4, 3)
+    z = plain.encode(x)
+    assert z.shape == (6, 48, 4, 5) and plain.state_dict() == {}
+    torch.testing.assert_close(z.pow(2).sum(), x.pow(2).sum(), rtol=1e-5, atol=0)  # orthonormal
+    torch.testing.assert_close(z[:, 0], 4 * torch.nn.functional.avg_pool2d(x, 4)[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain.decode(z), x, rtol=0, atol=1e-5)
+
+    std = block_dct_std(x, floor=1e-4)
+    assert std[0] > 5 * std[15]  # the DC coefficient spreads far more than the finest frequency
+    scaled = BlockDCTAutoencoder(4, 3, std)
+    zs = scaled.encode(x)
+    unit = zs.transpose(0, 1).reshape(48, -1).std(dim=1)
+    torch.testing.assert_close(unit, torch.ones(48), rtol=2e-3, atol=0)
+    torch.testing.assert_close(scaled.decode(zs), x, rtol=0, atol=1e-5)
+    video = x[None].expand(2, 6, 3, 16, 20)
+    torch.testing.assert_close(scaled.decode_video(scaled.encode_video(video, 3), 3), video, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="channel_std needs 48 positive values"):
+        BlockDCTAutoencoder(4, 3, [1.0] * 47)
+    with pytest.raises(ValueError, match="channel_std needs 48 positive values"):
+        BlockDCTAutoencoder(4, 3, [0.0] * 48)
+
+
+def test_block_dct_variant_config_channel_std_is_what_block_dct_std_measures():
+    """configs/demo/toyworld_dct.yaml (a measured demo variant, docs/toyworld.md) lists the channel_std that its
+    header says how to measure; both of its first stages use it."""
+    from vwm.config import load_config
+    from vwm.data.toyworld import ToyWorldSubset
+    from vwm.models.autoencoder import BlockDCTAutoencoder, block_dct_std
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo", "toyworld_dct.yaml"))
+    stage = cfg.model.params.first_stage_config
+    cond = next(e for e in cfg.model.params.conditioner_config.params.emb_models if e.input_key == "cond_frames")
+    assert stage.target.endswith("BlockDCTAutoencoder") and cond.params.encoder_config == stage
+    data = ToyWorldSubset(8, 64, 64, length=1000, seed=3, policy="explore")
+    frames = torch.cat([data.load_clip(i).frames for i in range(48)]).float() / 127.5 - 1
+    torch.testing.assert_close(torch.tensor(list(stage.params.channel_std)), torch.tensor(block_dct_std(frames)),
+                               rtol=0, atol=1e-4)
+    assert isinstance(instantiate(stage), BlockDCTAutoencoder)

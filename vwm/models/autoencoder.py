@@ -209,3 +209,58 @@ class PixelShuffleAutoencoder(nn.Module):
         """Inverse of `encode_video` (exact, so chunking and overlap do not apply)."""
         b = z.shape[0]
         return rearrange(self.decode(rearrange(z, "b t c h w -> (b t) c h w")), "(b t) c h w -> b t c h w", b=b)
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (n, n): row k is the k-th cosine basis vector, so M @ M.T = I."""
+    k = torch.arange(n, dtype=torch.float64)
+    m = torch.cos(torch.pi * (2 * k[None] + 1) * k[:, None] / (2 * n)) * (2.0 / n) ** 0.5
+    m[0] /= 2.0**0.5
+    return m.float()
+
+
+class BlockDCTAutoencoder(PixelShuffleAutoencoder):
+    """Parameter-free, exactly invertible first stage that, unlike `PixelShuffleAutoencoder`, gives every spatial
+    frequency the same scale: each `patch` x `patch` block of each colour becomes its orthonormal 2-D DCT
+    coefficients (channel c·patch² + u·patch + v holds frequency (u, v) of colour c), and each channel is divided
+    by `channel_std`, the spread of that coefficient over the training frames (`block_dct_std`). In raw pixels
+    the fine detail (edges, lane markings) has a small fraction of the variance of the block means, so at the
+    noise levels a small model trains at it is buried first and weighs little in the loss; normalised, every
+    frequency has unit scale.
+    """
+
+    def __init__(self, patch: int = 4, in_channels: int = 3, channel_std: list[float] | None = None):
+        super().__init__(patch, in_channels)
+        n = in_channels * patch * patch
+        std = torch.ones(n) if channel_std is None else torch.tensor([float(v) for v in channel_std])
+        if std.shape != (n,) or not bool((std > 0).all()):
+            raise ValueError(f"channel_std needs {n} positive values (in_channels * patch**2), got "
+                             f"{list(std.shape)} values, min {float(std.min()) if std.numel() else None}")
+        # non-persistent: the first stage stays parameter- and state-free, as the state-dict contract expects
+        self.register_buffer("basis", dct_matrix(patch), persistent=False)
+        self.register_buffer("channel_std", std.view(1, n, 1, 1), persistent=False)
+
+    def _coefficients(self, blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
+        n, _, h, w = blocks.shape
+        b = blocks.reshape(n, self.in_channels, self.patch, self.patch, h, w)
+        m = self.basis.to(blocks.dtype)
+        pattern = "ui,vj,ncuvhw->ncijhw" if inverse else "ui,vj,ncijhw->ncuvhw"
+        return torch.einsum(pattern, m, m, b).reshape(n, -1, h, w)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C·patch², H/patch, W/patch): normalised block-DCT coefficients."""
+        coef = self._coefficients(super().encode(x), inverse=False)
+        return coef / self.channel_std.to(coef.dtype)
+
+    def decode(self, z: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
+        """Inverse of `encode`."""
+        return super().decode(self._coefficients(z * self.channel_std.to(z.dtype), inverse=True))
+
+
+def block_dct_std(frames: torch.Tensor, patch: int = 4, floor: float = 0.02) -> list[float]:
+    """Per-channel standard deviation of the block-DCT coefficients of frames (N, C, H, W) in [-1, 1], at least
+    `floor` (a channel with almost no variance would otherwise be amplified without bound): the `channel_std`
+    of a `BlockDCTAutoencoder` for data like these frames."""
+    coef = BlockDCTAutoencoder(patch, frames.shape[1]).encode(frames.float())
+    std = coef.transpose(0, 1).reshape(coef.shape[1], -1).std(dim=1)
+    return [round(max(float(v), floor), 4) for v in std]

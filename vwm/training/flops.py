@@ -376,10 +376,14 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     all_checkpointed = coef["checkpointed_saved"] * profile.checkpointed
     activations = all_checkpointed if checkpointing else coef["uncheckpointed_saved"] * profile.full
     chunk = min(int(model_params.get("en_and_decode_n_samples_a_time") or frames), frames * batch)
-    stage = (model_params.get("first_stage_config") or {}).get("target", "")
+    stage_node = model_params.get("first_stage_config") or {}
+    stage = stage_node.get("target", "")
+    # the parameter-free block first stages (PixelShuffleAutoencoder, BlockDCTAutoencoder) hold no activations
+    blocks = "patch" in (stage_node.get("params") or {}) or stage.endswith(("PixelShuffleAutoencoder",
+                                                                            "BlockDCTAutoencoder"))
     cached = all(isinstance(s, Mapping) and str(s.get("target", "")).endswith("LatentCacheSubset")
                  for s in data.get("subsets") or [None])
-    vae = 0 if cached or stage.endswith("PixelShuffleAutoencoder") else int(
+    vae = 0 if cached or blocks else int(
         coef["vae_bytes_per_pixel"] * chunk * height * width * (1 if half else 2))  # fp32 VAE: twice the bytes
     zero = run.zero_stage or 0
     bucket = int((to_container(OmegaConf.select(cfg, "lightning.deepspeed")) or {}).get(
