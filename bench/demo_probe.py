@@ -289,7 +289,7 @@ def main() -> int:
                 sched.step()
             if engine.use_ema:
                 engine.model_ema(engine.model)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step == args.steps and args.save_model:  # before the evaluation: a failing probe keeps the model
                 torch.save({"state_dict": engine.state_dict(), "overrides": args.overrides, "steps": step},

@@ -3,8 +3,9 @@
 # 10-minute command (compilation included), JSON lines under OUT (default bench/results/<date>-<gpu>/):
 #   bash bench/gpu_measure.sh train    # compiled training steps with use_checkpoint auto: phase 1 at 576x1024 (and a
 #                                      # kernel profile of one step), phase 2 stage 1 at 320x576, batch 1 and 4
-#   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8), each
-#                                      # with the VAE decode again in bf16 (--decode_dtype bf16)
+#   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8) vs
+#                                      # --low_vram (compiled, as sample.py runs it on CUDA), each with the VAE
+#                                      # decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh eval     # the Vista-protocol evaluation's seconds per clip (compiled UNet)
 #   bash bench/gpu_measure.sh compiled_train  # why compiled training failed on an H100 (2026-12-06): the loss forward +
 #                                      # backward with compiled layers, every layer checkpointed, at 320x576 and
@@ -52,7 +53,7 @@ for PART in "$@"; do
       timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
         --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
     sample)
-      timeout "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 --decode_bf16 2>>"$OUT/$PART.log" \
+      timeout "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;
     eval)
       timeout "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \

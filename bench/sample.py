@@ -1,7 +1,8 @@
 """Sampling time and peak memory of one clip: 25x576x1024, 50 Euler steps with CFG (VanillaCFG 2.5), in the
-normal mode (everything on the GPU, bf16 UNet, batched CFG), the same with the UNet compiled, and the --low_vram mode (only the module in use on
-the GPU, small decode windows), with random weights of the full-size Vista config built on the GPU (the zero-initialised layers randomised too, so
-that the UNet's output depends on its weights and the modes' PSNR against each other measures something). The
+normal mode (everything on the GPU, bf16 UNet, batched CFG), the same with the UNet compiled, and the --low_vram
+mode (only the module in use on the GPU, small decode windows; compiled, as sample.py runs it on CUDA), with
+random weights of the full-size Vista config built on the GPU (the zero-initialised layers randomised too, so that
+the UNet's output depends on its weights and the modes' PSNR against each other measures something). The
 reference takes 47.7 s and 52.5 GiB on one H100 (DESIGN.md §6).
 
     python bench/sample.py                  # GPU; one JSON line per mode
@@ -80,7 +81,8 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
     if model.num_frames != args.frames:
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
                          "num_frames)")
-    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode in ("compiled", "fp8"),
+    # low_vram compiles too: `sample.py --low_vram` does on CUDA (--compile auto)
+    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode in ("compiled", "fp8", "low_vram"),
                              fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None)
     frames = _start_frame(args.height, args.width)
     actions = [action_batch([normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
@@ -149,7 +151,8 @@ def main() -> None:
                         default=["normal", "compiled", "low_vram"],
                         help="normal: eager, all on the GPU; compiled: normal with the UNet layers compiled "
                              "(warmup_s includes the compilation); fp8: compiled with FP8 linear layers "
-                             "(sample.py --fp8); low_vram: one module on the GPU at a time. Every mode after "
+                             "(sample.py --fp8); low_vram: one module on the GPU at a time, compiled as "
+                             "sample.py --low_vram compiles on CUDA. Every mode after "
                              "the first reports its PSNR against the first mode's rollout")
     parser.add_argument("--decode_bf16", action="store_true",
                         help="also decode each mode's latents with the VAE decoder in bf16: its time and PSNR "
