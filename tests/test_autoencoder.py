@@ -293,3 +293,9 @@ def test_block_dct_variant_config_channel_std_is_what_block_dct_std_measures():
     torch.testing.assert_close(torch.tensor(list(stage.params.channel_std)), torch.tensor(block_dct_std(frames)),
                                rtol=0, atol=1e-4)
     assert isinstance(instantiate(stage), BlockDCTAutoencoder)
+    from vwm.config import build_model
+    from vwm.training.flops import estimate_for_config
+
+    assert build_model(cfg, device="meta").first_stage_model.channel_std.is_meta  # what --dry-run builds
+    estimate = estimate_for_config(cfg, world_size=1)
+    assert estimate.total > 0 and estimate.vae_encode == 0  # a block first stage keeps no encoder activations

@@ -232,13 +232,13 @@ class BlockDCTAutoencoder(PixelShuffleAutoencoder):
     def __init__(self, patch: int = 4, in_channels: int = 3, channel_std: list[float] | None = None):
         super().__init__(patch, in_channels)
         n = in_channels * patch * patch
-        std = torch.ones(n) if channel_std is None else torch.tensor([float(v) for v in channel_std])
-        if std.shape != (n,) or not bool((std > 0).all()):
-            raise ValueError(f"channel_std needs {n} positive values (in_channels * patch**2), got "
-                             f"{list(std.shape)} values, min {float(std.min()) if std.numel() else None}")
+        values = [1.0] * n if channel_std is None else [float(v) for v in channel_std]
+        if len(values) != n or min(values) <= 0:  # checked on the host: the model may be built on the meta device
+            raise ValueError(f"channel_std needs {n} positive values (in_channels * patch**2), got {len(values)} "
+                             f"values, min {min(values) if values else None}")
         # non-persistent: the first stage stays parameter- and state-free, as the state-dict contract expects
         self.register_buffer("basis", dct_matrix(patch), persistent=False)
-        self.register_buffer("channel_std", std.view(1, n, 1, 1), persistent=False)
+        self.register_buffer("channel_std", torch.tensor(values).view(1, n, 1, 1), persistent=False)
 
     def _coefficients(self, blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
         n, _, h, w = blocks.shape

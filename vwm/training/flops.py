@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vwm import actions
 from vwm.config import build_model, instantiate, to_container
 from vwm.models.video_unet import VideoLayer
-from vwm.training.settings import RunSettings
+from vwm.training.settings import RunSettings, block_first_stage
 
 GIB = 1024**3
 
@@ -376,14 +376,9 @@ def estimate_for_config(cfg: Mapping, *, world_size: int, precision: str = "bf16
     all_checkpointed = coef["checkpointed_saved"] * profile.checkpointed
     activations = all_checkpointed if checkpointing else coef["uncheckpointed_saved"] * profile.full
     chunk = min(int(model_params.get("en_and_decode_n_samples_a_time") or frames), frames * batch)
-    stage_node = model_params.get("first_stage_config") or {}
-    stage = stage_node.get("target", "")
-    # the parameter-free block first stages (PixelShuffleAutoencoder, BlockDCTAutoencoder) hold no activations
-    blocks = "patch" in (stage_node.get("params") or {}) or stage.endswith(("PixelShuffleAutoencoder",
-                                                                            "BlockDCTAutoencoder"))
     cached = all(isinstance(s, Mapping) and str(s.get("target", "")).endswith("LatentCacheSubset")
                  for s in data.get("subsets") or [None])
-    vae = 0 if cached or blocks else int(
+    vae = 0 if cached or block_first_stage(model_params.get("first_stage_config") or {}) else int(
         coef["vae_bytes_per_pixel"] * chunk * height * width * (1 if half else 2))  # fp32 VAE: twice the bytes
     zero = run.zero_stage or 0
     bucket = int((to_container(OmegaConf.select(cfg, "lightning.deepspeed")) or {}).get(

@@ -23,11 +23,18 @@ def zero_stage(strategy: str | None) -> int | None:
     return int(name.rsplit("_", 1)[-1]) if name[-1].isdigit() else 2
 
 
+def block_first_stage(stage: Mapping) -> bool:
+    """Whether a first_stage_config node builds a parameter-free block first stage (PixelShuffleAutoencoder,
+    BlockDCTAutoencoder: `patch` pixels per latent side, no network, no activations to keep)."""
+    return "patch" in (stage.get("params") or {}) or str(stage.get("target", "")).endswith(
+        ("PixelShuffleAutoencoder", "BlockDCTAutoencoder"))
+
+
 def latent_downsample(model_node: Mapping) -> int:
-    """Pixels per latent side of the model's first stage (8 for the SD/SVD VAE, `patch` for PixelShuffle)."""
+    """Pixels per latent side of the model's first stage (8 for the SD/SVD VAE, `patch` for the block stages)."""
     stage = (model_node.get("params") or {}).get("first_stage_config") or {}
     params = stage.get("params") or {}
-    if "patch" in params or str(stage.get("target", "")).endswith("PixelShuffleAutoencoder"):
+    if block_first_stage(stage):
         return int(params.get("patch", 4))
     encoder = (params.get("encoder_config") or {}).get("params") or {}
     return 2 ** (len(encoder.get("ch_mult", [1, 2, 4, 4])) - 1)
