@@ -234,10 +234,14 @@ def main() -> None:
         stats = timed(loss_step, device, args.reps)
         cats = kernel_categories(loss_step, device, args.top)
         ckpt = bool(cfg.model.params.network_config.params.get("use_checkpoint", False))
+        # forwards per step: 3 (forward + backward), plus the recomputed share of one (all of it when every layer
+        # is checkpointed, the plan's share under auto)
+        recompute = (plan.recompute_flops / plan.forward_flops if plan.forward_flops else 0.0) if plan else float(ckpt)
         if plan is not None:
-            check["stored_layers"] = len(plan.stored)
-        emit("loss_fwd_bwd", checkpointing=ckpt, **check, compiled=args.compile, first_call_s=first, unet_fwd_tflop=round(fwd_flop / 1e12, 1),
-             tflops_per_s=round((4 if ckpt else 3) * fwd_flop / stats["s_median"] / 1e12, 1), **stats, kernels=cats)
+            check.update(stored_layers=len(plan.stored), recomputed_share=round(recompute, 3))
+        emit("loss_fwd_bwd", checkpointing=ckpt, **check, compiled=args.compile, first_call_s=first,
+             unet_fwd_tflop=round(fwd_flop / 1e12, 1),
+             tflops_per_s=round((3 + recompute) * fwd_flop / stats["s_median"] / 1e12, 1), **stats, kernels=cats)
 
     if "optimizer" in args.regions:
         params = [q for q in model.model.parameters() if q.requires_grad]

@@ -160,6 +160,14 @@ def _needs_replacement(cond_frame: torch.Tensor | None, cond_mask: torch.Tensor 
     return True
 
 
+def check_guidance_sigma_min(value: float, owner: str = "") -> float:
+    """`value` when it is a valid guidance interval bound (a finite float >= 0), else ValueError naming `owner`."""
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{owner + ': ' if owner else ''}guidance_sigma_min must be a finite float >= 0, "
+                         f"got {value!r}")
+    return float(value)
+
+
 def make_denoise_fn(
     denoiser: Denoiser,
     network: nn.Module,
@@ -189,8 +197,7 @@ def make_denoise_fn(
     the coarse layout at high noise; at low noise it mostly scales up the difference of the two passes' errors.
     When set, each call reads σ on the host (one device sync per call on a GPU).
     """
-    if not (math.isfinite(guidance_sigma_min) and guidance_sigma_min >= 0.0):
-        raise ValueError(f"guidance_sigma_min must be a finite float >= 0, got {guidance_sigma_min!r}")
+    check_guidance_sigma_min(guidance_sigma_min)
     replace = _needs_replacement(cond_frame, cond_mask)
     use_uncond = guider.needs_uncond and uc is not None
     if use_uncond:
@@ -246,10 +253,7 @@ class EulerEDMSampler:
         self.s_tmax = s_tmax
         self.s_noise = s_noise
         self.verbose = verbose
-        if not (math.isfinite(guidance_sigma_min) and guidance_sigma_min >= 0.0):
-            raise ValueError(f"{type(self).__name__}: guidance_sigma_min must be a finite float >= 0, "
-                             f"got {guidance_sigma_min!r}")
-        self.guidance_sigma_min = guidance_sigma_min
+        self.guidance_sigma_min = check_guidance_sigma_min(guidance_sigma_min, type(self).__name__)
         self.final_antithetic = bool(final_antithetic)
 
     def __call__(
