@@ -8,8 +8,10 @@
 #                                      # decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh eval     # the Vista-protocol evaluation's seconds per clip (compiled UNet)
 #   bash bench/gpu_measure.sh compiled_train  # why compiled training failed on an H100 (2026-12-06): the loss forward +
-#                                      # backward with compiled layers, every layer checkpointed, at 320x576 and
-#                                      # (with CUDA_LAUNCH_BLOCKING=1, so an illegal access names its kernel) 576x1024
+#                                      # backward at 576x1024 with compiled layers and every layer checkpointed,
+#                                      # checkpointing in eager code around the compiled layers, then inside the
+#                                      # graph with the flash attention backend; gradients compared with eager ones
+#   bash bench/gpu_measure.sh unet_profile    # the compiled batch-2 UNet forward of a sampling step, by kernel
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
 # makes a part that compiles the same UNet again cheaper than on its own).
@@ -17,11 +19,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|eval|compiled_train) ;;
-    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train" >&2; exit 2 ;;
+    train|sample|eval|compiled_train|unet_profile) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile" >&2; exit 2 ;;
   esac
 done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
@@ -59,11 +61,19 @@ for PART in "$@"; do
       timeout "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/evaluate.jsonl" ;;
     compiled_train)
-      timeout "$(cap 200)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 320 --width 576 \
-        --regions loss --reps 2 --top 0 --checkpointing on --compile 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl"
-      CUDA_LAUNCH_BLOCKING=1 timeout "$(left 560)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml \
-        --height 576 --width 1024 --regions loss --reps 1 --top 0 --checkpointing on --compile 2>>"$OUT/$PART.log" \
-        | tee -a "$OUT/compiled_train.jsonl" ;;
+      # the same loss as eager first (gradient distance from the eager layers), checkpointing in eager code around
+      # the compiled layers; then checkpointing inside the graph (the failing default) with the flash backend
+      timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in eager \
+        --compare-eager --sdpa default 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl"
+      timeout "$(left 560)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in graph \
+        --compare-eager --sdpa flash 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl" ;;
+    unet_profile)
+      # where the compiled sampling step's time goes: one batch-2 (CFG) UNet forward, the 40 costliest kernels
+      timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --regions unet_fwd --compile --sdpa default --top 40 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/unet_profile.jsonl" ;;
   esac
   echo "{\"part\": \"$PART\", \"seconds\": $(( $(date +%s) - t0 )), \"out\": \"$OUT\"}"
 done

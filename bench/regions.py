@@ -8,7 +8,8 @@ Lightning or DeepSpeed and times, with CUDA events (median of --reps after a war
 - `unet_fwd`: one UNet forward without gradients at the sampling batch (2 = batched CFG), per attention
   backend in `--sdpa`, with a kernel-category profile of one forward;
 - `loss_fwd_bwd`: the Vista loss forward + backward of one clip (activation checkpointing as configured, or per
-  `--checkpointing`), with its peak memory;
+  `--checkpointing`), per attention backend in `--sdpa`, with its peak memory, the gradients' finiteness and
+  (`--compare-eager`) their distance from the eager layers' gradients;
 - `optimizer`, `ema`: a fused AdamW step over fp32 master copies of the trainable weights plus the copy back to
   the bf16 weights (what ZeRO-2 does on one GPU), and the EMA update.
 
@@ -35,6 +36,7 @@ import vwm  # noqa: E402,F401  (torchvision shim first)
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from sample import randomize_zero_weights  # noqa: E402
 from train_step import KERNEL_CATEGORIES, SyntheticClips  # noqa: E402
 from vwm.models.vae_networks import AttnBlock  # noqa: E402
 from vwm.config import build_model, load_config, to_container  # noqa: E402
@@ -96,6 +98,23 @@ def kernel_categories(fn: Callable[[], object], device: torch.device, top: int =
     return out
 
 
+def grad_distance(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """How far one set of gradients is from another: the relative distance of all of them together, the worst
+    tensor's relative distance (and its name), and the tensors missing from either side."""
+    diff = ref = 0.0
+    worst, worst_name = 0.0, None
+    for name, r in reference.items():
+        g = grads.get(name)
+        if g is None:
+            continue
+        d, n = torch.linalg.vector_norm((g - r).float()).item(), torch.linalg.vector_norm(r.float()).item()
+        diff, ref = diff + d * d, ref + n * n
+        if n > 0 and d / n > worst:
+            worst, worst_name = d / n, name
+    return {"grad_rel_distance": round((diff / ref) ** 0.5, 5) if ref else None, "worst_tensor_rel_distance":
+            round(worst, 5), "worst_tensor": worst_name, "missing": sorted(set(reference) ^ set(grads))[:8]}
+
+
 def _attention_by_matmul(self, x: torch.Tensor) -> torch.Tensor:
     """The VAE's single-head mid-block attention as two batched matmuls and a softmax (A/B variant `bmm`)."""
     h = self.norm(x)
@@ -119,6 +138,10 @@ def main() -> None:
     p.add_argument("--checkpointing", choices=["config", "on", "off", "auto"], default="config",
                    help="auto: the trainer's activation plan for this GPU's memory (use_checkpoint: auto)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the UNet layers")
+    p.add_argument("--checkpoint-in", choices=["graph", "eager"], default="graph",
+                   help="compiled layers: checkpoint inside the compiled graph, or in eager code around it")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="loss region: also run the eager layers once and report the compiled gradients' distance")
     p.add_argument("--top", type=int, default=12, help="costliest kernels listed per profiled region")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -132,10 +155,13 @@ def main() -> None:
     frames = int(cfg.model.params.num_frames)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, device=device)
+    # the zero-initialised output layers would make every gradient but the last layer's exactly zero, so the
+    # gradient checks of the loss region would check nothing
+    randomize_zero_weights(model.unet)
     model.to(dtype)  # EMA shadows stay fp32 (LitEma._apply)
     plan = apply_activation_plan(model, cfg, world_size=1, precision="bf16-mixed", device=device)
     if args.compile:
-        model.unet.compile_layers()
+        model.unet.compile_layers(checkpoint_in_graph=args.checkpoint_in == "graph")
     common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "clip": f"{frames}x{args.height}x{args.width}", "torch": torch.__version__}
     fwd_flop = unet_forward_flops(to_container(cfg.model.params.network_config), frames, args.height, args.width)
@@ -223,25 +249,55 @@ def main() -> None:
                 check.update(loss=float(out.loss.detach().float()), nonfinite_grads=len(bad), nonfinite_names=bad[:8],
                              grad_norm=float(torch.linalg.vector_norm(
                                  torch.stack([torch.linalg.vector_norm(g.float()) for _, g in named]))))
+                if check.get("keep_grads"):
+                    check["grads"] = {n: g.detach().clone() for n, g in named}
             for prm in model.model.parameters():
                 prm.grad = None
 
-        check: dict = {}
-        t0 = time.perf_counter()
-        loss_step(check)
-        _sync(device)
-        first = round(time.perf_counter() - t0, 2)
-        stats = timed(loss_step, device, args.reps)
-        cats = kernel_categories(loss_step, device, args.top)
         ckpt = bool(cfg.model.params.network_config.params.get("use_checkpoint", False))
         # forwards per step: 3 (forward + backward), plus the recomputed share of one (all of it when every layer
         # is checkpointed, the plan's share under auto)
         recompute = (plan.recompute_flops / plan.forward_flops if plan.forward_flops else 0.0) if plan else float(ckpt)
-        if plan is not None:
-            check.update(stored_layers=len(plan.stored), recomputed_share=round(recompute, 3))
-        emit("loss_fwd_bwd", checkpointing=ckpt, **check, compiled=args.compile, first_call_s=first,
-             unet_fwd_tflop=round(fwd_flop / 1e12, 1),
-             tflops_per_s=round((3 + recompute) * fwd_flop / stats["s_median"] / 1e12, 1), **stats, kernels=cats)
+        layers = [m for m in model.unet.modules() if getattr(m, "compiled_run", None) is not None]
+        reference = None
+        if args.compare_eager and layers:
+            compiled_runs = [m.compiled_run for m in layers]
+            for m in layers:
+                m.compiled_run = None
+            loss_step(reference := {"keep_grads": True})
+            for m, run in zip(layers, compiled_runs):
+                m.compiled_run = run
+        for name in args.sdpa:
+            if layers and name != args.sdpa[0]:
+                torch._dynamo.reset()  # the attention backend is chosen when a graph is traced
+            ctx = sdpa_kernel(BACKENDS[name]) if BACKENDS[name] is not None else contextlib.nullcontext()
+            check: dict = {"keep_grads": reference is not None}
+            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+            try:
+                with ctx:
+                    t0 = time.perf_counter()
+                    loss_step(check)
+                    _sync(device)
+                    first = round(time.perf_counter() - t0, 2)
+                    if reference is not None:
+                        check.update(grad_distance(check.pop("grads"), reference["grads"]))
+                    stats = timed(loss_step, device, args.reps)
+                    cats = kernel_categories(loss_step, device, args.top)
+            except Exception as err:  # noqa: BLE001  (a failing variant is a result; the next one still runs)
+                emit("loss_fwd_bwd", sdpa=name, compiled=args.compile, checkpoint_in=args.checkpoint_in,
+                     error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                if device.type == "cuda" and "illegal" in str(err):
+                    return  # the context is unusable after an illegal access
+                continue
+            check.pop("keep_grads", None)
+            if plan is not None:
+                check.update(stored_layers=len(plan.stored), recomputed_share=round(recompute, 3))
+            if reference is not None:
+                check["eager_loss"] = reference["loss"]
+            emit("loss_fwd_bwd", sdpa=name, checkpointing=ckpt, **check, compiled=args.compile,
+                 checkpoint_in=args.checkpoint_in if args.compile else None, first_call_s=first,
+                 unet_fwd_tflop=round(fwd_flop / 1e12, 1),
+                 tflops_per_s=round((3 + recompute) * fwd_flop / stats["s_median"] / 1e12, 1), **stats, kernels=cats)
 
     if "optimizer" in args.regions:
         params = [q for q in model.model.parameters() if q.requires_grad]

@@ -26,7 +26,7 @@ class VideoLayer:
     recompute their activations in the backward pass (gradient checkpointing)."""
 
     use_checkpoint: bool = False
-    compiled_run = None  # the torch.compile'd `_run`, set by VideoUNet.compile_layers
+    compiled_run = None  # the compiled stand-in for `_run`, set by VideoUNet.compile_layers
 
     def run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Apply the layer's `video_forward(x ((b t),c,h,w), emb ((b t),e), context (b,m,d), num_frames)`, under
@@ -35,10 +35,12 @@ class VideoLayer:
             return self.compiled_run(x, emb, context, num_frames)
         return self._run(x, emb, context, num_frames)
 
-    def _run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, num_frames: int,
+             forward=None) -> torch.Tensor:  # noqa: ANN001
+        forward = forward or self.video_forward
         if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self.video_forward, x, emb, context, num_frames, use_reentrant=False)
-        return self.video_forward(x, emb, context, num_frames)
+            return checkpoint(forward, x, emb, context, num_frames, use_reentrant=False)
+        return forward(x, emb, context, num_frames)
 
 
 class ResBlock(nn.Module):
@@ -338,11 +340,19 @@ class VideoUNet(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, checkpoint_in_graph: bool = True) -> None:
         """torch.compile each res block and transformer (regional compilation): the norms, activations, residual
         adds and layout changes between the matmuls and convolutions fuse into few kernels. Layers of equal shapes
-        share one compiled graph, so a 25-frame SVD UNet compiles about 20 graphs once per resolution; activation
-        checkpointing is compiled with them. The state dict is unchanged."""
+        share one compiled graph, so a 25-frame SVD UNet compiles about 20 graphs once per resolution. The state
+        dict is unchanged.
+
+        `checkpoint_in_graph`: activation checkpointing is traced into the compiled graph, which plans the
+        recomputation itself without per-tensor Python hooks (measured: 2250 pack/unpack hook calls per step
+        otherwise), at one graph per layer shape and checkpoint flag. False compiles only the layer's math and
+        checkpoints around it in eager code: one graph per layer shape whatever the activation plan, and no
+        checkpoint operator inside the compiler."""
+        import functools
+
         import torch._dynamo
 
         layers = [m for m in self.modules() if isinstance(m, VideoLayer)]
@@ -351,9 +361,11 @@ class VideoUNet(nn.Module):
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 8 * len(layers))
         for layer in layers:
-            # The checkpoint is inside the compiled region: the compiler plans the recomputation itself, with no
-            # per-tensor Python hooks (measured: 2250 pack/unpack hook calls per step otherwise).
-            layer.compiled_run = torch.compile(layer._run, dynamic=False)
+            if checkpoint_in_graph:
+                layer.compiled_run = torch.compile(layer._run, dynamic=False)
+            else:
+                forward = torch.compile(layer.video_forward, dynamic=False)
+                layer.compiled_run = functools.partial(layer._run, forward=forward)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each res block and transformer in the backward pass instead of storing activations."""
