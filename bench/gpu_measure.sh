@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The open measurements of issue #13 (speed) and #15 (evaluation throughput) on one GPU, each part sized to fit a
 # 10-minute command (compilation included), JSON lines under OUT (default bench/results/<date>-<gpu>/):
-#   bash bench/gpu_measure.sh train    # compiled training steps with use_checkpoint auto: phase 1 at 576x1024 (and a
+#   bash bench/gpu_measure.sh train    # training steps (the configs' layers, eager) with use_checkpoint auto: phase 1 at 576x1024 (and a
 #                                      # kernel profile of one step), phase 2 stage 1 at 320x576, batch 1 and 4
 #   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8) vs
 #                                      # --low_vram (compiled, as sample.py runs it on CUDA), each with the VAE
@@ -12,6 +12,7 @@
 #                                      # checkpointing in eager code around the compiled layers, then inside the
 #                                      # graph with the flash attention backend; gradients compared with eager ones
 #   bash bench/gpu_measure.sh unet_profile    # the compiled batch-2 UNet forward of a sampling step, by kernel
+# TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=True: compiled).
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
 # makes a part that compiles the same UNet again cheaper than on its own).
@@ -29,6 +30,7 @@ done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 OUT=${OUT:-bench/results/$(date +%F)-${GPU}}
 mkdir -p "$OUT"
+TRAIN_OVERRIDES=${TRAIN_OVERRIDES:-}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 start=$(date +%s)
 # cap T: T seconds, or fewer where BUDGET_S leaves fewer (at least 1)
@@ -49,11 +51,13 @@ for PART in "$@"; do
     train)
       timeout "$(cap 250)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --checkpointing auto --steps 8 --warmup 3 --profile "$OUT/train576_profile.txt" \
-        2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
+        $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
       timeout "$(cap 150)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
-        --width 576 --checkpointing auto --steps 10 --warmup 3 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
+        --width 576 --checkpointing auto --steps 10 --warmup 3 --profile "$OUT/train320_profile.txt" \
+        --host-profile "$OUT/train320_host.txt" $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
       timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
-        --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
+        --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/train.jsonl" ;;
     sample)
       timeout "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;
