@@ -250,19 +250,19 @@ def test_reference_only_params_are_accepted_and_derived_ones_dropped():
 @pytest.mark.slow
 def test_compiled_layers_match_eager_with_and_without_checkpointing():
     """compile_model (regional torch.compile of every res block and transformer, and of the VAE encoder) computes
-    the same loss and gradients as eager code, also when checkpointing recomputes through the compiled layers; the
-    state dict is unchanged."""
+    the same loss and gradients as eager code, also when checkpointing recomputes through the compiled layers, with
+    the checkpoint traced into the compiled graph or applied in eager code around it; the state dict is unchanged."""
     batch = make_batch()
     eager = build_tiny()
     keys = set(eager.state_dict())
     loss = eager.compute_loss(batch, torch.Generator().manual_seed(3)).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in eager.model.named_parameters() if p.grad is not None}
-    for ckpt in (False, True):
+    for ckpt, in_graph in ((False, True), (True, True), (True, False)):
         model = build_tiny()
         model.load_state_dict(eager.state_dict())
         model.unet.set_gradient_checkpointing(ckpt)
-        model.unet.compile_layers()
+        model.unet.compile_layers(checkpoint_in_graph=in_graph)
         model.first_stage_model.compile_encoder()  # what compile_model also does to the VAE encoder
         assert set(model.state_dict()) == keys
         layers = [m for m in model.unet.modules() if getattr(m, "compiled_run", None) is not None]
