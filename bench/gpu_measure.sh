@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The open measurements of issue #13 (speed) and #15 (evaluation throughput) on one GPU, each part sized to fit a
 # 10-minute command (compilation included), JSON lines under OUT (default bench/results/<date>-<gpu>/):
-#   bash bench/gpu_measure.sh train    # training steps (the configs' layers, eager) with use_checkpoint auto: phase 1 at 576x1024 (and a
-#                                      # kernel profile of one step), phase 2 stage 1 at 320x576, batch 1 and 4
+#   bash bench/gpu_measure.sh train    # training steps with use_checkpoint auto (the configs' eager layers unless
+#                                      # TRAIN_OVERRIDES says otherwise): phase 1 at 576x1024 (and a kernel profile of
+#                                      # one step), phase 2 stage 1 at 320x576, batch 1 (kernel and host profiles) and 4
 #   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8) vs
 #                                      # --low_vram (compiled, as sample.py runs it on CUDA), each with the VAE
 #                                      # decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh eval     # the Vista-protocol evaluation's seconds per clip (compiled UNet)
-#   bash bench/gpu_measure.sh compiled_train  # the compiled layers' loss forward + backward at 576x1024 (every layer
-#                                      # checkpointed) against the eager layers: loss, gradient distance, time
-#   bash bench/gpu_measure.sh compiled_train_graph  # the same with the checkpoint inside the compiled graph (it failed
-#                                      # on an H100 on 2026-12-06) and the flash attention backend
+#   bash bench/gpu_measure.sh compiled_train  # why compiled training failed on an H100 (2026-12-06): the compiled
+#                                      # layers' loss forward + backward at 576x1024 (every layer checkpointed) against
+#                                      # the eager layers (loss, gradient distance, time), with the checkpoint inside
+#                                      # the graph and flash attention, then around the compiled layers in eager code
 #   bash bench/gpu_measure.sh unet_profile    # the compiled batch-2 UNet forward of a sampling step, by kernel
 # TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=True: compiled).
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
@@ -20,11 +21,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|compiled_train_graph|unet_profile [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|eval|compiled_train|compiled_train_graph|unet_profile) ;;
-    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, compiled_train_graph, unet_profile" >&2; exit 2 ;;
+    train|sample|eval|compiled_train|unet_profile) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile" >&2; exit 2 ;;
   esac
 done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
@@ -65,17 +66,16 @@ for PART in "$@"; do
       timeout "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/evaluate.jsonl" ;;
     compiled_train)
-      # the compiled layers (checkpointing in eager code around them, the default) against the eager layers:
-      # loss, gradient distance and time of the loss forward + backward at 576x1024, every layer checkpointed
-      timeout "$(cap 220)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+      # the compiled layers against the eager ones (loss, gradient distance, time of the loss forward + backward
+      # at 576x1024, every layer checkpointed): the default placement (checkpoint inside the compiled graph, which
+      # failed on an H100 on 2026-12-06) with the flash attention backend instead of cuDNN, then the checkpoint
+      # in eager code around the compiled layers with the default backend
+      timeout "$(cap 260)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in graph \
+        --compare-eager --sdpa flash 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl"
+      timeout "$(left 560)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in eager \
         --compare-eager --sdpa default 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl" ;;
-    compiled_train_graph)
-      # the placement that failed on 2026-12-06 (checkpoint inside the compiled graph), with the flash backend
-      # instead of the default (cuDNN) attention: does the attention kernel decide the failure?
-      timeout "$(cap 300)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
-        --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in graph \
-        --compare-eager --sdpa flash 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl" ;;
     unet_profile)
       # where the compiled sampling step's time goes: one batch-2 (CFG) UNet forward, the 40 costliest kernels
       timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \

@@ -248,6 +248,35 @@ def test_reference_only_params_are_accepted_and_derived_ones_dropped():
 
 
 @pytest.mark.slow
+def test_compiled_layers_checkpointed_in_eager_code_compile_one_graph_per_layer_shape_under_a_mixed_plan():
+    """use_checkpoint: auto checkpoints some layers and stores others. With the checkpoint in eager code around the
+    compiled math (checkpoint_in_graph=False) the plan changes no compiled graph: a mixed plan compiles exactly the
+    graphs of a plan without checkpointing, where the checkpoint traced into the graph (the default) compiles
+    more, one set per flag (tiny config: 9 against 11)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    batch = make_batch()
+
+    def graphs(in_graph: bool, mixed: bool) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        model = build_tiny()
+        layers = [m for m in model.unet.modules() if hasattr(m, "video_forward")]
+        for i, layer in enumerate(layers):
+            layer.use_checkpoint = mixed and i % 2 == 0
+        model.unet.compile_layers(checkpoint_in_graph=in_graph)
+        model.compute_loss(batch, torch.Generator().manual_seed(3)).loss.backward()
+        return int(counters["stats"]["unique_graphs"])
+
+    plain = graphs(in_graph=False, mixed=False)
+    assert plain > 0
+    assert graphs(in_graph=False, mixed=True) == plain
+    assert graphs(in_graph=True, mixed=True) > plain
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 def test_compiled_layers_match_eager_with_and_without_checkpointing():
     """compile_model (regional torch.compile of every res block and transformer, and of the VAE encoder) computes
     the same loss and gradients as eager code, also when checkpointing recomputes through the compiled layers, with
