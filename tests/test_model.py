@@ -247,6 +247,27 @@ def test_reference_only_params_are_accepted_and_derived_ones_dropped():
     assert tiny_config().model.params.num_frames == 5
 
 
+def test_disable_first_stage_autocast_keeps_the_vae_out_of_autocast():
+    """The reference's `disable_first_stage_autocast` (True in every SVD/Vista config): under autocast (Lightning's
+    bf16-mixed without DeepSpeed) the VAE encodes and decodes in its weights' fp32, exactly as without autocast;
+    with the switch off it runs in bf16."""
+    model = build_tiny()
+    assert model.disable_first_stage_autocast  # the tiny config keeps the reference's setting
+    x = make_batch(b=1)["img_seq"]
+    plain = model.encode_first_stage(x, generator=torch.Generator().manual_seed(0))
+    frames = model.decode_first_stage(plain)
+    for disabled in (True, False):
+        model.disable_first_stage_autocast = disabled
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = model.encode_first_stage(x, generator=torch.Generator().manual_seed(0))
+            out = model.decode_first_stage(plain)
+        if disabled:
+            torch.testing.assert_close(z, plain, rtol=0, atol=0)
+            torch.testing.assert_close(out, frames, rtol=0, atol=0)
+        else:
+            assert not torch.equal(z, plain) and not torch.equal(out.float(), frames)
+
+
 @pytest.mark.slow
 def test_compiled_layers_checkpointed_in_eager_code_compile_one_graph_per_layer_shape_under_a_mixed_plan():
     """use_checkpoint: auto checkpoints some layers and stores others. With the checkpoint in eager code around the

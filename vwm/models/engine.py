@@ -176,11 +176,21 @@ class DiffusionEngine(pl.LightningModule):
     def _first_stage_chunk(self, frames: int) -> int:
         return self.en_and_decode_n_samples_a_time or frames
 
+    def _first_stage_precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """`disable_first_stage_autocast` (the reference's switch, set in every SVD/Vista config): the VAE runs
+        outside autocast, in its weights' dtype. It matters where training runs under autocast (Lightning's
+        bf16-mixed without DeepSpeed: fp32 weights, so an fp32 encode); under DeepSpeed bf16 the weights are
+        bf16 and there is no autocast to leave, as in the reference."""
+        if self.disable_first_stage_autocast:
+            return torch.autocast(device.type, enabled=False)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames)."""
         x = x.to(module_dtype(self.first_stage_model, x.dtype))
-        z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
+        with self._first_stage_precision(x.device):
+            z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
         return z * self.scale_factor
 
     @torch.no_grad()
@@ -189,7 +199,8 @@ class DiffusionEngine(pl.LightningModule):
         config's en_and_decode_n_samples_a_time) whose `overlap` shared frames are averaged."""
         z = (z / self.scale_factor).to(module_dtype(self.first_stage_model, z.dtype))
         chunk = chunk_size or self._first_stage_chunk(z.shape[1])
-        return self.first_stage_model.decode_video(z, chunk, overlap=overlap)
+        with self._first_stage_precision(z.device):
+            return self.first_stage_model.decode_video(z, chunk, overlap=overlap)
 
     # ------------------------------------------------------------------------------------------- training
 
