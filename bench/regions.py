@@ -133,7 +133,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--regions", nargs="+", default=["conditioner", "vae", "unet_fwd", "loss", "optimizer"])
     p.add_argument("--vae-variants", nargs="+", default=["nchw", "channels_last", "channels_last_compiled"])
-    p.add_argument("--sdpa", nargs="+", default=["default", "cudnn"], choices=sorted(BACKENDS))
+    p.add_argument("--sdpa", nargs="+", default=["default"], choices=sorted(BACKENDS),
+                   help="attention backends to run the unet_fwd and loss regions with, one line each")
     p.add_argument("--unet-batch", type=int, default=2, help="UNet forward batch (2 = batched CFG sampling)")
     p.add_argument("--checkpointing", choices=["config", "on", "off", "auto"], default="config",
                    help="auto: the trainer's activation plan for this GPU's memory (use_checkpoint: auto)")
@@ -272,7 +273,6 @@ def main() -> None:
                 torch._dynamo.reset()  # the attention backend is chosen when a graph is traced
             ctx = sdpa_kernel(BACKENDS[name]) if BACKENDS[name] is not None else contextlib.nullcontext()
             check: dict = {"keep_grads": reference is not None}
-            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
             try:
                 with ctx:
                     t0 = time.perf_counter()
