@@ -250,7 +250,7 @@ def test_reference_only_params_are_accepted_and_derived_ones_dropped():
 def test_disable_first_stage_autocast_keeps_the_vae_out_of_autocast():
     """The reference's `disable_first_stage_autocast` (True in every SVD/Vista config): under autocast (Lightning's
     bf16-mixed without DeepSpeed) the VAE encodes and decodes in its weights' fp32, exactly as without autocast;
-    with the switch off it runs in bf16."""
+    with the switch off it runs in bf16. The same for the condition-frame embedder's `disable_encoder_autocast`."""
     model = build_tiny()
     assert model.disable_first_stage_autocast  # the tiny config keeps the reference's setting
     x = make_batch(b=1)["img_seq"]
@@ -266,6 +266,18 @@ def test_disable_first_stage_autocast_keeps_the_vae_out_of_autocast():
             torch.testing.assert_close(out, frames, rtol=0, atol=0)
         else:
             assert not torch.equal(z, plain) and not torch.equal(out.float(), frames)
+    # the condition-frame embedder's own switch (disable_encoder_autocast) goes through the same helper
+    from vwm.models.conditioner import VideoPredictionEmbedderWithEncoder
+
+    embedder = next(e for e in model.conditioner.embedders if isinstance(e, VideoPredictionEmbedderWithEncoder))
+    cond = x[:, 0]
+    with torch.no_grad():
+        reference = embedder(cond)
+        for disabled in (True, False):
+            embedder.disable_encoder_autocast = disabled
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = embedder(cond)
+            assert torch.equal(got, reference) == disabled
 
 
 @pytest.mark.slow

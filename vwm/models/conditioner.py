@@ -20,7 +20,7 @@ from torch import nn
 
 from vwm.actions import ACTION_FEATURES, ACTION_KEYS
 from vwm.checkpoint.keys import key_diff
-from vwm.dtypes import module_dtype
+from vwm.dtypes import module_dtype, outside_autocast
 from vwm.models.embeddings import timestep_embedding
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,7 @@ class VideoPredictionEmbedderWithEncoder(Embedder):
         chunk = self.en_and_decode_n_samples_a_time or frames.shape[0]
         encode = self.encoder.encode if self.is_ae else self.encoder
         dtype = module_dtype(self.encoder, frames.dtype)
-        no_autocast = torch.autocast(frames.device.type, enabled=False)
-        with no_autocast if self.disable_encoder_autocast else nullcontext():
+        with outside_autocast(frames.device, self.disable_encoder_autocast):
             latents = torch.cat([encode(part.to(dtype)) for part in frames.split(chunk)])
         latents = latents.to(frames.dtype) * self.scale_factor
         latents = rearrange(latents, "(b t) c h w -> b (t c) h w", t=self.n_cond_frames)

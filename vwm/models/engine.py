@@ -22,7 +22,7 @@ from torch import nn
 from vwm.config import instantiate
 from vwm.defaults import NUM_FRAMES
 from vwm.diffusion.loss import DiffusionLossOutput
-from vwm.dtypes import module_dtype
+from vwm.dtypes import module_dtype, outside_autocast
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
 from vwm.training import step
@@ -176,20 +176,14 @@ class DiffusionEngine(pl.LightningModule):
     def _first_stage_chunk(self, frames: int) -> int:
         return self.en_and_decode_n_samples_a_time or frames
 
-    def _first_stage_precision(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """`disable_first_stage_autocast` (the reference's switch, set in every SVD/Vista config): the VAE runs
-        outside autocast, in its weights' dtype. It matters where training runs under autocast (Lightning's
-        bf16-mixed without DeepSpeed: fp32 weights, so an fp32 encode); under DeepSpeed bf16 the weights are
-        bf16 and there is no autocast to leave, as in the reference."""
-        if self.disable_first_stage_autocast:
-            return torch.autocast(device.type, enabled=False)
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames)."""
+        """Pixels (B,T,3,H,W) in [-1,1] -> scaled latents (B,T,C,h,w) (posterior sample, chunked per frames).
+        With `disable_first_stage_autocast` (the reference's switch, set in every SVD/Vista config) the VAE runs
+        outside autocast, in its weights' dtype: fp32 under Lightning's bf16-mixed without DeepSpeed; under
+        DeepSpeed bf16 the weights are bf16 and there is no autocast to leave, as in the reference."""
         x = x.to(module_dtype(self.first_stage_model, x.dtype))
-        with self._first_stage_precision(x.device):
+        with outside_autocast(x.device, self.disable_first_stage_autocast):
             z = self.first_stage_model.encode_video(x, self._first_stage_chunk(x.shape[1]), generator=generator)
         return z * self.scale_factor
 
@@ -199,7 +193,7 @@ class DiffusionEngine(pl.LightningModule):
         config's en_and_decode_n_samples_a_time) whose `overlap` shared frames are averaged."""
         z = (z / self.scale_factor).to(module_dtype(self.first_stage_model, z.dtype))
         chunk = chunk_size or self._first_stage_chunk(z.shape[1])
-        with self._first_stage_precision(z.device):
+        with outside_autocast(z.device, self.disable_first_stage_autocast):
             return self.first_stage_model.decode_video(z, chunk, overlap=overlap)
 
     # ------------------------------------------------------------------------------------------- training
