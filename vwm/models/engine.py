@@ -25,7 +25,7 @@ from vwm.diffusion.loss import DiffusionLossOutput
 from vwm.dtypes import module_dtype, outside_autocast
 from vwm.models.ema import LitEma
 from vwm.models.video_unet import UNetWrapper
-from vwm.training import step
+from vwm.training import compiled_check, step
 from vwm.training.guards import check_update
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class DiffusionEngine(pl.LightningModule):
         replace_cond_frames: bool = False,
         fixed_cond_frames: list[list[int]] | None = None,
         slow_spatial_lr_scale: float = 0.1,
+        verify_compiled_gradients: bool = True,
+        compiled_gradient_tolerance: float = compiled_check.DEFAULT_TOLERANCE,
     ):
         super().__init__()
         if slow_spatial_layers and train_peft_adapters:
@@ -96,6 +98,11 @@ class DiffusionEngine(pl.LightningModule):
         self.seed = 0
         self._nonfinite: torch.Tensor | None = None
         self._skipped: torch.Tensor | None = None
+        # compiled layers compare their gradients with eager ones at the first informative step
+        # (vwm/training/compiled_check.py); the count of steps that could not tell
+        self._compiled_check_pending = bool(compile_model and verify_compiled_gradients)
+        self._compiled_check_deferrals = 0
+        self.compiled_gradient_tolerance = compiled_gradient_tolerance
 
         self.first_stage_model.eval().requires_grad_(False)
         if compile_model and hasattr(self.first_stage_model, "compile_encoder"):
@@ -238,7 +245,10 @@ class DiffusionEngine(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # The whole step, hook by hook: vwm/training/step.py.
-        out = self.compute_loss(batch, self.make_generator(*step.step_keys(self.global_step, batch, batch_idx)))
+        keys = step.step_keys(self.global_step, batch, batch_idx)
+        if self._compiled_check_pending and torch.is_grad_enabled():
+            self.verify_compiled_layers(batch, keys)
+        out = self.compute_loss(batch, self.make_generator(*keys))
         bad = ~torch.isfinite(out.loss.detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         if "n_skipped" in batch:
@@ -249,6 +259,46 @@ class DiffusionEngine(pl.LightningModule):
         if out.hf is not None:
             self.log("loss_hf", out.hf.mean(), on_step=True, on_epoch=False, batch_size=bsz)
         return out.loss
+
+    def verify_compiled_layers(self, batch: Mapping[str, torch.Tensor], keys: Sequence[int]) -> None:
+        """Compare the compiled UNet layers' loss gradients on this batch with the eager layers' (own random draws,
+        `vwm.training.compiled_check`); all ranks agree, and if any rank's gradients differ beyond
+        `compiled_gradient_tolerance`, every rank trains with eager layers from now on."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        result = compiled_check.compare_compiled_gradients(
+            self.unet, lambda: self.compute_loss(batch, self.make_generator(*keys, 1)).loss, named,
+            tolerance=self.compiled_gradient_tolerance)
+        codes = ("passed", "skipped", "deferred", "failed")
+        distance = result.grad_rel_distance if result.grad_rel_distance is not None else 0.0
+        local = torch.tensor([codes.index(result.status), min(distance, 1e30)], device=self.device)
+        rows = self.all_gather(local).reshape(-1, 2).tolist() if self._trainer is not None else [local.tolist()]
+        worst = max(codes.index(result.status), *(int(row[0]) for row in rows))
+        distance = max(row[1] for row in rows)
+        status = codes[worst]
+        where = (f"loss {result.loss_compiled:.6g} compiled / {result.loss_eager:.6g} eager"
+                 if result.loss_eager is not None else result.reason)
+        if status == "failed":
+            self._compiled_check_pending = False
+            compiled_check.drop_compiled_layers(self.unet)
+            log.warning("compiled UNet layers FAILED the gradient check at step %d: their gradients are %.3g "
+                        "(relative) from the eager layers' (tolerance %g; %s; worst tensor on this rank %s). "
+                        "Training continues with eager layers (same numerics, slower); this torch build computes "
+                        "wrong gradients through torch.compile on this GPU. Set model.params.compile_model=False to "
+                        "skip compilation (docs/performance.md).", self.global_step, distance,
+                        self.compiled_gradient_tolerance, where, result.worst_tensor)
+        elif status == "deferred":
+            self._compiled_check_deferrals += 1
+            if self._compiled_check_deferrals >= compiled_check.MAX_DEFERRALS:
+                self._compiled_check_pending = False
+                log.warning("compiled UNet layers could not be verified in %d steps (%s); they stay compiled",
+                            self._compiled_check_deferrals, result.reason)
+        else:
+            self._compiled_check_pending = False
+            log.info("compiled UNet layers %s the gradient check at step %d: relative distance %.3g from the "
+                     "eager layers (tolerance %g; %s)", status, self.global_step, distance,
+                     self.compiled_gradient_tolerance, where)
+        if status in ("passed", "failed") and self._trainer is not None:
+            self.log("compile_check/grad_rel_distance", distance, on_step=True, on_epoch=False, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         engine = self.trainer.model

@@ -1,0 +1,121 @@
+"""Compiled UNet layers verify their gradients against eager layers at the first informative training step
+(vwm/training/compiled_check.py): a compiler that returns the right loss with wrong gradients (as torch 2.11 did on
+an H100, docs/performance.md) is caught and the run continues eagerly; a faithful one keeps its compiled layers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import build_tiny, make_batch
+
+from vwm.training.compiled_check import compare_compiled_gradients, compiled_layers
+from vwm.models.video_unet import VideoLayer
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward, gradient times `factor` backward: a compiled layer whose loss is right and whose
+    gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x, factor):  # noqa: ANN001, ANN205
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad * ctx.factor, None
+
+
+def _stand_in(layer, factor: float | None = None):  # noqa: ANN001, ANN202
+    """A compiled_run that computes the layer eagerly (faithful) or with scaled gradients (broken)."""
+    def run(x, emb, context, num_frames):  # noqa: ANN001, ANN202
+        out = layer._run(x, emb, context, num_frames)
+        return out if factor is None else _ScaleGradient.apply(out, factor)
+    return run
+
+
+def _install(model, factor: float | None = None) -> list:
+    layers = [m for m in model.unet.modules() if isinstance(m, VideoLayer)]
+    for m in layers:
+        m.compiled_run = _stand_in(m, factor)
+    return layers
+
+
+def _loss_of(model, batch):  # noqa: ANN001, ANN202
+    return lambda: model.compute_loss(batch, torch.Generator().manual_seed(3)).loss
+
+
+def test_faithful_compiled_layers_pass_and_broken_ones_fail_the_gradient_check():
+    batch = make_batch()
+    model = build_tiny()
+    _install(model)
+    ok = compare_compiled_gradients(model.unet, _loss_of(model, batch))
+    assert ok.status == "passed" and ok.grad_rel_distance < 1e-5, ok
+    assert ok.loss_compiled == ok.loss_eager
+    _install(model, factor=50.0)  # only the backward of every layer is wrong
+    bad = compare_compiled_gradients(model.unet, _loss_of(model, batch))
+    assert bad.status == "failed" and bad.grad_rel_distance > 1.0, bad
+    assert bad.loss_compiled == pytest.approx(bad.loss_eager)  # the loss alone cannot tell
+    # the check leaves the layers as it found them: compiled, with their checkpoint flags
+    assert len(compiled_layers(model.unet)) == len(_install(model, factor=50.0))
+    assert not any(m.use_checkpoint for m in model.unet.modules() if isinstance(m, VideoLayer))
+    # a gradient error of a few percent (0.2 % per layer, compounded through the layers) passes a loose
+    # tolerance and fails a tight one
+    _install(model, factor=1.002)
+    assert compare_compiled_gradients(model.unet, _loss_of(model, batch), tolerance=0.1).status == "passed"
+    assert compare_compiled_gradients(model.unet, _loss_of(model, batch), tolerance=1e-3).status == "failed"
+
+
+def test_a_model_without_upstream_gradients_defers_the_check():
+    """A model trained from scratch starts with a zero output layer: no weight upstream of it gets a gradient, so
+    compiled and eager agree trivially and the check waits for a later step."""
+    model = build_tiny(nonzero=False)
+    _install(model, factor=50.0)
+    result = compare_compiled_gradients(model.unet, _loss_of(model, make_batch()))
+    assert result.status == "deferred" and result.informative_share < 0.5, result
+
+
+def test_the_engine_drops_compiled_layers_whose_gradients_are_wrong_and_keeps_faithful_ones(caplog):
+    batch = make_batch()
+    model = build_tiny()
+    model._compiled_check_pending = True
+    _install(model, factor=50.0)
+    with caplog.at_level(logging.WARNING, logger="vwm.models.engine"):
+        model.training_step(dict(batch), 0)
+    assert not compiled_layers(model.unet) and not model._compiled_check_pending
+    assert "FAILED the gradient check" in caplog.text and "compile_model=False" in caplog.text
+    # after the fallback the step's gradients are the eager ones
+    loss = model.training_step(dict(batch), 0)
+    loss.backward()
+    eager = build_tiny()
+    eager.training_step(dict(batch), 0).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+    faithful = build_tiny()
+    faithful._compiled_check_pending = True
+    layers = _install(faithful)
+    faithful.training_step(dict(batch), 0)
+    assert len(compiled_layers(faithful.unet)) == len(layers) and not faithful._compiled_check_pending
+
+
+def test_compile_model_arms_the_check_and_the_switch_disarms_it():
+    assert build_tiny("model.params.compile_model=True")._compiled_check_pending
+    assert not build_tiny("model.params.compile_model=True",
+                          "model.params.verify_compiled_gradients=False")._compiled_check_pending
+    assert not build_tiny()._compiled_check_pending
+
+
+@pytest.mark.slow
+def test_torch_compile_passes_the_gradient_check_on_cpu():
+    """The real compiler (Inductor's C++ backend) on the tiny model passes, with the checkpoint traced into the
+    compiled graphs (the default placement)."""
+    model = build_tiny()
+    model.unet.set_gradient_checkpointing(True)
+    model.unet.compile_layers()
+    result = compare_compiled_gradients(model.unet, _loss_of(model, make_batch()),
+                                        [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    assert result.status == "passed" and result.grad_rel_distance < 1e-4, result
