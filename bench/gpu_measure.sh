@@ -13,6 +13,10 @@
 #                                      # the eager layers (loss, gradient distance, time), with the checkpoint inside
 #                                      # the graph and flash attention, then around the compiled layers in eager code
 #   bash bench/gpu_measure.sh unet_profile    # the compiled batch-2 UNet forward of a sampling step, by kernel
+#   bash bench/gpu_measure.sh compiled_grads  # which compiled UNet layer computes wrong gradients at 576x1024 (the
+#                                      # compiled loss was right and its gradients 1.9e4 off on an H100, 2026-12-07),
+#                                      # each distinct layer alone against eager, then a compiler bisection of the
+#                                      # first wrong ones (AOTAutograd graphs run eagerly, fp32, flash attention)
 # TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=True: compiled).
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
@@ -21,11 +25,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|eval|compiled_train|unet_profile) ;;
-    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile" >&2; exit 2 ;;
+    train|sample|eval|compiled_train|unet_profile|compiled_grads) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads" >&2
+       exit 2 ;;
   esac
 done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
@@ -81,6 +86,10 @@ for PART in "$@"; do
       timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions unet_fwd --compile --sdpa default --top 40 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/unet_profile.jsonl" ;;
+    compiled_grads)
+      timeout "$(cap 560)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --modes plain ckpt_graph --bisect 2 --budget-s "$(cap 500)" 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/compiled_grads.jsonl" ;;
   esac
   echo "{\"part\": \"$PART\", \"seconds\": $(( $(date +%s) - t0 )), \"out\": \"$OUT\"}"
 done

@@ -262,6 +262,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "vae_encode_s": None if vae_s is None else round(vae_s, 4),
         "compile": bool(cfg.model.params.get("compile_model", False)),
+        "compile_check": model.compiled_check,  # compiled layers: their gradients against eager ones, step 0 or 1
         "warmup_steps_s": [round(t, 1) for t in timer.times[:args.warmup]],  # the first includes compilation
         "steps_timed": len(times), "steps_total": len(timer.losses),
         "losses_finite": all(math.isfinite(v) for v in timer.losses),

@@ -119,7 +119,7 @@ def test_gpu_measure_script_uses_only_flags_its_tools_accept():
         text = f.read().replace("\\\n", " ")
     calls = re.findall(r'"\$PY" (bench/\w+\.py)([^|]*?)2>>', text)
     assert {tool for tool, _ in calls} == {"bench/train_step.py", "bench/sample.py", "bench/evaluate.py",
-                                          "bench/regions.py"}
+                                          "bench/regions.py", "bench/compiled_grads.py"}
     helps = {}
     for tool, args in calls:
         if tool not in helps:
@@ -160,3 +160,24 @@ def test_sample_bench_randomises_zero_initialised_weights_so_modes_can_differ():
     a, b = denoised(fresh[0]), denoised(fresh[1])
     assert torch.isfinite(a).all() and (a - b).abs().mean() > 1e-3
     assert bench.randomize_zero_weights(fresh[0].unet) == 0  # nothing left at zero
+
+
+def test_compiled_grads_bench_compares_a_layer_and_bisects_the_compiler_on_a_wrong_one():
+    """bench/compiled_grads.py on the tiny config: Inductor's CPU code matches the eager layer (output and
+    gradients within fp32 rounding); with a tolerance nothing can meet, the layer counts as wrong and the compiler
+    bisection runs (AOTAutograd's graphs eagerly, Inductor's decompositions eagerly, Inductor in fp32)."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "compiled_grads.py"), "--config",
+         os.path.join(REPO, "configs", "tiny", "train.yaml"), "--height", "64", "--width", "64", "--device", "cpu",
+         "--modes", "plain", "--only", "VideoResBlock(5, 32, 8, 8)", "--tolerance", "1e-30"],
+        capture_output=True, text=True, env=clean_subprocess_env(), timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    checks = [r for r in rows if r["check"] == "inductor"]
+    assert len(checks) == 1 and checks[0]["layer"] == "input_blocks.1.0", rows
+    assert checks[0]["grad_x"] < 1e-5 and checks[0]["grad_weights"] < 1e-5 and checks[0]["out"] < 1e-5
+    assert checks[0]["grad_x_norm"] > 0 and not checks[0]["nonfinite"]
+    bisect = [r for r in rows if r["check"] == "bisect"]
+    assert [r["backend"] for r in bisect] == ["aot_eager", "aot_eager_decomp_partition", "inductor"], rows
+    assert all(r["grad_weights"] < 1e-5 for r in bisect)
