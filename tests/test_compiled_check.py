@@ -152,6 +152,7 @@ def test_train_py_with_compiled_layers_under_deepspeed_verifies_them_and_trains_
                       timeout=900)
     out = compiled.stdout + compiled.stderr
     assert re.search(r"passed the gradient check at step [12]: relative distance", out), out[-4000:]
+    assert re.search(r"compiled layers gradient check at step [12] passed: trained compiled", out)  # the summary
     assert "FAILED" not in out
     _train(tmp_path, "eager", "--max_steps", "3", ZERO2)
     got, want = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")

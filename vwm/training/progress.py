@@ -120,6 +120,8 @@ class RunSummary:
     next_commands: list[str] = field(default_factory=list)
     stopped_by_signal: int | None = None
     tensorboard: bool = False
+    compiled_check: dict | None = None
+    """The compiled UNet layers' gradient check (DiffusionEngine.compiled_check), when the run compiled them."""
 
     def lines(self) -> list[str]:
         """The summary as printed."""
@@ -132,6 +134,13 @@ class RunSummary:
             out.append(f"   final loss {self.final_loss:.5f}" + (
                 f" (mean of the last 10 % of steps: {self.mean_loss_last:.5f})"
                 if self.mean_loss_last is not None else ""))
+        check = self.compiled_check
+        if check is not None and check["status"] in ("passed", "failed"):
+            verdict = "passed: trained compiled" if check["status"] == "passed" else "FAILED: trained eagerly"
+            out.append(f"   compiled layers gradient check at step {check['step']} {verdict} (relative distance "
+                       f"{check['grad_rel_distance']:.3g} from eager)")
+        elif check is not None:
+            out.append(f"   compiled layers not verified ({check['status']})")
         out.append(f"   run directory  {self.run_dir}")
         out.append(f"   checkpoint     {self.checkpoint or '(none written)'}")
         if self.loss_png:
@@ -224,7 +233,7 @@ def _select(cfg: Any, key: str) -> Any:
 
 def summarize(run_dir: str, *, first_step: int, last_step: int, seconds: float, clips_per_step: int,
               checkpoint: str | None, cfg: Any, stopped_by_signal: int | None = None,
-              metrics_file: str = "metrics.jsonl") -> RunSummary:
+              metrics_file: str = "metrics.jsonl", compiled_check: dict | None = None) -> RunSummary:
     """Build the closing summary and write the loss curve into the run directory."""
     rows = read_losses(os.path.join(run_dir, metrics_file))
     final = rows[-1][1] if rows else None
@@ -234,5 +243,5 @@ def summarize(run_dir: str, *, first_step: int, last_step: int, seconds: float, 
                       clips_per_step=clips_per_step, final_loss=final,
                       mean_loss_last=sum(v for _, v in tail) / len(tail) if tail else None,
                       checkpoint=checkpoint, loss_png=png, next_commands=next_commands(run_dir, checkpoint, cfg),
-                      stopped_by_signal=stopped_by_signal,
+                      stopped_by_signal=stopped_by_signal, compiled_check=compiled_check,
                       tensorboard=os.path.isdir(os.path.join(run_dir, "tensorboard")))

@@ -319,7 +319,8 @@ def _train(opts: TrainOptions) -> int:
         newest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
         report = summarize(run_dir, first_step=first_step, last_step=trainer.global_step,
                            seconds=time.perf_counter() - started, clips_per_step=run.batch_size * world, checkpoint=newest[0] if newest else None, cfg=cfg,
-                           stopped_by_signal=ckpt.stopped_by_signal)
+                           stopped_by_signal=ckpt.stopped_by_signal,
+                           compiled_check=getattr(engine, "compiled_check", None))
         logging.getLogger("vwm.summary").info("\n".join(report.lines()))
     if not opts.no_test:
         trainer.test(engine, datamodule=datamodule)
