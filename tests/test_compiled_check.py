@@ -59,6 +59,9 @@ def test_faithful_compiled_layers_pass_and_broken_ones_fail_the_gradient_check()
     bad = compare_compiled_gradients(model.unet, _loss_of(model, batch))
     assert bad.status == "failed" and bad.grad_rel_distance > 1.0, bad
     assert bad.loss_compiled == pytest.approx(bad.loss_eager)  # the loss alone cannot tell
+    _install(model, factor=float("nan"))  # non-finite gradients fail too
+    nan = compare_compiled_gradients(model.unet, _loss_of(model, batch))
+    assert nan.status == "failed" and nan.grad_rel_distance == float("inf"), nan
     # the check leaves the layers as it found them: compiled, with their checkpoint flags
     assert len(compiled_layers(model.unet)) == len(_install(model, factor=50.0))
     assert not any(m.use_checkpoint for m in model.unet.modules() if isinstance(m, VideoLayer))
