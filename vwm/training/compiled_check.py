@@ -4,7 +4,7 @@ Regional compilation (`compile_model: True`) is only worth its speed if it compu
 tests show it does; on an H100 with torch 2.11 (2026-12-07, docs/performance.md) the compiled 576x1024 loss had the
 eager value but gradients 1.9e4 times their norm away from the eager ones, and on 2026-12-06 non-finite ones. Such a
 fault is specific to a GPU, a driver, a torch build and a shape, so no test here can rule it out for a user's run.
-The run checks it instead, once, on its first batch:
+The run checks it instead, once, at its first step that can tell:
 
 - the loss and the gradients of every trainable weight, through the compiled layers and then through the eager
   layers (every layer checkpointed, so the second pass adds little memory), from the same batch and the same
@@ -15,7 +15,8 @@ The run checks it instead, once, on its first batch:
   is right, hence the wide default tolerance of 0.1. Above it every rank drops the compiled layers and trains
   eagerly (same numerics, slower), with a warning that gives the distance; the log gives it in either case;
 - a model whose output layer is still zero (training from scratch) has no gradient upstream of it, so its first
-  step cannot tell: the check waits for a step where most weights receive a gradient (one update suffices).
+  step cannot tell: the check waits for a step where most weights receive a gradient (the tiny model trained from
+  scratch gets there at its third step, once the zero convolutions closing its residual branches have moved).
 
 All ranks take the same decision (one all-gather), so no rank runs different code from the others.
 """
