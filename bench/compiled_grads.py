@@ -9,7 +9,8 @@ A compiled 576x1024 loss forward + backward on an H100 (2026-12-07, torch 2.11) 
 2. For each distinct layer signature (class, input shapes), the layer's `video_forward` runs eager and compiled
    (`torch.compile`, Inductor) on those inputs with one random output gradient: the output's and the gradients'
    (input, embedding, context, weights) relative distances from eager.
-3. For the first `--bisect` layers whose gradients are off by more than `--tolerance`: the same with the
+3. For the first `--bisect` layers whose gradients are off by more than `--tolerance`: the same with Inductor's
+   mix-order reduction switched the other way (vwm turns it off: `video_unet.INDUCTOR_OPTIONS`), with the
    `aot_eager` backend (AOTAutograd's traced graphs run by eager kernels: off too means the graph capture, not
    the generated kernels), `aot_eager_decomp_partition` (Inductor's decompositions and partitioner, eager
    kernels), Inductor in fp32, and Inductor with the flash attention backend instead of the default (cuDNN on
@@ -39,9 +40,9 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from sample import randomize_zero_weights  # noqa: E402
-from train_step import SyntheticClips  # noqa: E402
+from train_step import SyntheticClips, parse_inductor_options  # noqa: E402
 from vwm.config import build_model, load_config  # noqa: E402
-from vwm.models.video_unet import VideoLayer  # noqa: E402
+from vwm.models.video_unet import INDUCTOR_OPTIONS, VideoLayer  # noqa: E402
 
 
 def rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
@@ -92,11 +93,12 @@ def gradients(layer: torch.nn.Module, fn, inputs: tuple, grad_out: torch.Tensor 
     return out.detach(), grads, grad_out
 
 
-def layer_functions(layer: torch.nn.Module, mode: str, backend: str):  # noqa: ANN201
+def layer_functions(layer: torch.nn.Module, mode: str, backend: str, options: dict | None = None):  # noqa: ANN201
     """(eager, compiled) callables of the layer for a mode: `plain` (its math), `ckpt_eager` (checkpointed around
     the compiled math, `compile_layers(checkpoint_in_graph=False)`), `ckpt_graph` (the checkpoint traced into the
     compiled graph, the default `compile_layers()`)."""
-    compile_ = functools.partial(torch.compile, backend=backend, dynamic=False)
+    extra = {"options": options} if backend == "inductor" and options else {}
+    compile_ = functools.partial(torch.compile, backend=backend, dynamic=False, **extra)
     if mode == "plain":
         return layer.video_forward, compile_(layer.video_forward)
     layer.use_checkpoint = True
@@ -106,14 +108,15 @@ def layer_functions(layer: torch.nn.Module, mode: str, backend: str):  # noqa: A
 
 
 def compare(layer: torch.nn.Module, inputs: tuple, backend: str, dtype: torch.dtype, sdpa,  # noqa: ANN001
-            mode: str = "plain") -> dict:
-    """The compiled layer (mode, backend, dtype, attention backend) against the eager one in the same dtype."""
+            mode: str = "plain", options: dict | None = None) -> dict:
+    """The compiled layer (mode, backend, dtype, attention backend, Inductor options) against the eager one in the
+    same dtype."""
     work = layer if dtype == next(layer.parameters()).dtype else copy.deepcopy(layer).to(dtype)
     ctx = sdpa_kernel(sdpa) if sdpa is not None else contextlib.nullcontext()
     try:
         with ctx:
             torch._dynamo.reset()
-            eager, compiled = layer_functions(work, mode, backend)
+            eager, compiled = layer_functions(work, mode, backend, options)
             ref_out, ref, grad_out = gradients(work, eager, inputs, None, dtype)
             t0 = time.perf_counter()
             out, got, _ = gradients(work, compiled, inputs, grad_out, dtype)
@@ -146,6 +149,9 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["plain", "ckpt_eager", "ckpt_graph"],
                    choices=["plain", "ckpt_eager", "ckpt_graph"],
                    help="what is compiled (see layer_functions); the first mode's wrong layers are bisected")
+    p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an Inductor option over vwm's (video_unet.INDUCTOR_OPTIONS) for the checks, e.g. "
+                        "triton.mix_order_reduction=True (the torch default); repeatable")
     p.add_argument("--only", nargs="*", default=[], help="check only layers whose signature contains one of these")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -168,8 +174,10 @@ def main() -> None:
                     generator=torch.Generator(device=device).manual_seed(0), dtype=dtype)
     sigma, mask = torch.full((1,), 5.0, device=device), torch.zeros(1, frames, device=device)
     records = record_inputs(unet, lambda: model.denoiser(model.model, z, sigma, cond, mask))
+    args.options = {**INDUCTOR_OPTIONS, **parse_inductor_options(args.inductor_option)}
     common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "clip": f"{frames}x{args.height}x{args.width}", "torch": torch.__version__}
+              "clip": f"{frames}x{args.height}x{args.width}", "torch": torch.__version__,
+              "inductor_options": args.options}
 
     def emit(**fields) -> None:
         print(json.dumps({**fields, **common}), flush=True)
@@ -187,7 +195,7 @@ def main() -> None:
                 emit(check="stopped", reason="budget", at=f"{mode} {sig}")
                 return
             try:
-                result = compare(layer, inputs, "inductor", dtype, None, mode)
+                result = compare(layer, inputs, "inductor", dtype, None, mode, args.options)
             except Exception as err:  # noqa: BLE001  (a failing layer is a result)
                 result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             emit(check="inductor", mode=mode, layer=name, signature=sig, **result)
@@ -204,26 +212,28 @@ def main() -> None:
 
 def bisect(wrong: list, dtype: torch.dtype, device: torch.device, args: argparse.Namespace, start: float,
            emit) -> None:  # noqa: ANN001
-    """The compiler bisected on each wrong layer (the first mode's): traced graphs run eagerly, Inductor's
-    decompositions and partitioner run eagerly, Inductor in fp32, Inductor with flash attention."""
+    """The compiler bisected on each wrong layer (the first mode's): mix-order reduction switched the other way,
+    traced graphs run eagerly, Inductor's decompositions and partitioner run eagerly, Inductor in fp32, Inductor
+    with flash attention."""
+    flipped = {**args.options, "triton.mix_order_reduction": not args.options.get("triton.mix_order_reduction", True)}
     for sig, name, layer, inputs in wrong[: args.bisect]:
-        variants = [("aot_eager", dtype, None), ("aot_eager_decomp_partition", dtype, None),
-                    ("inductor", torch.float32, None)]
+        variants = [("inductor", dtype, None, flipped), ("aot_eager", dtype, None, None),
+                    ("aot_eager_decomp_partition", dtype, None, None), ("inductor", torch.float32, None, args.options)]
         if device.type == "cuda" and "Transformer" in type(layer).__name__:  # the layers that attend
-            variants.append(("inductor", dtype, SDPBackend.FLASH_ATTENTION))
-        for backend, vdtype, sdpa in variants:
+            variants.append(("inductor", dtype, SDPBackend.FLASH_ATTENTION, args.options))
+        for backend, vdtype, sdpa, options in variants:
             if time.perf_counter() - start > args.budget_s:
                 emit(check="stopped", reason="budget", at=f"{sig} {backend}")
                 return
             try:
-                result = compare(layer, inputs, backend, vdtype, sdpa, args.modes[0])
+                result = compare(layer, inputs, backend, vdtype, sdpa, args.modes[0], options)
             except Exception as err:  # noqa: BLE001
                 result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             emit(check="bisect", mode=args.modes[0], layer=name, signature=sig, backend=backend,
-                 dtype=str(vdtype).split(".")[-1], sdpa=sdpa.name if sdpa is not None else "default", **result)
+                 dtype=str(vdtype).split(".")[-1], sdpa=sdpa.name if sdpa is not None else "default",
+                 variant_options=options, **result)
             if "error" in result and "illegal" in result["error"]:
                 return
-
 
 if __name__ == "__main__":
     main()

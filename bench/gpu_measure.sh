@@ -16,7 +16,11 @@
 #   bash bench/gpu_measure.sh compiled_grads  # which compiled UNet layer computes wrong gradients at 576x1024 (the
 #                                      # compiled loss was right and its gradients 1.9e4 off on an H100, 2026-12-07),
 #                                      # each distinct layer alone against eager, then a compiler bisection of the
-#                                      # first wrong ones (AOTAutograd graphs run eagerly, fp32, flash attention)
+#                                      # first wrong ones (mix-order reduction switched, AOTAutograd graphs run
+#                                      # eagerly, fp32, flash attention)
+#   bash bench/gpu_measure.sh mix_order      # the middle block's res block compiled with Inductor's mix-order
+#                                      # reduction on (torch's default) against eager, then bisected (the first
+#                                      # step switches it off, as vwm compiles): whether that fusion is the cause
 # TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=True: compiled).
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
@@ -25,11 +29,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|eval|compiled_train|unet_profile|compiled_grads) ;;
-    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads" >&2
+    train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads, mix_order" >&2
        exit 2 ;;
   esac
 done
@@ -86,6 +90,10 @@ for PART in "$@"; do
       timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions unet_fwd --compile --sdpa default --top 40 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/unet_profile.jsonl" ;;
+    mix_order)
+      timeout "$(cap 200)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --modes plain --only "VideoResBlock(25, 1280, 9, 16)" --bisect 1 --budget-s "$(cap 180)" \
+        --inductor-option triton.mix_order_reduction=True 2>>"$OUT/$PART.log" | tee -a "$OUT/mix_order.jsonl" ;;
     compiled_grads)
       timeout "$(cap 560)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --modes plain ckpt_graph --bisect 2 --budget-s "$(cap 500)" 2>>"$OUT/$PART.log" \

@@ -37,9 +37,10 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from sample import randomize_zero_weights  # noqa: E402
-from train_step import KERNEL_CATEGORIES, SyntheticClips  # noqa: E402
+from train_step import KERNEL_CATEGORIES, SyntheticClips, parse_inductor_options  # noqa: E402
 from vwm.models.vae_networks import AttnBlock  # noqa: E402
 from vwm.config import build_model, load_config, to_container  # noqa: E402
+from vwm.models.video_unet import INDUCTOR_OPTIONS  # noqa: E402
 from vwm.training.activation_plan import apply_activation_plan  # noqa: E402
 from vwm.training.flops import GIB, unet_forward_flops  # noqa: E402
 
@@ -143,6 +144,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the UNet layers")
     p.add_argument("--checkpoint-in", choices=["graph", "eager"], default="graph",
                    help="compiled layers: checkpoint inside the compiled graph, or in eager code around it")
+    p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="compiled layers: an Inductor option over vwm's (video_unet.INDUCTOR_OPTIONS), e.g. "
+                        "triton.mix_order_reduction=True; repeatable")
     p.add_argument("--compare-eager", action="store_true",
                    help="loss region: also run the eager layers once and report the compiled gradients' distance")
     p.add_argument("--top", type=int, default=12, help="costliest kernels listed per profiled region")
@@ -164,9 +168,12 @@ def main() -> None:
     model.to(dtype)  # EMA shadows stay fp32 (LitEma._apply)
     plan = apply_activation_plan(model, cfg, world_size=1, precision="bf16-mixed", device=device)
     if args.compile:
-        model.unet.compile_layers(checkpoint_in_graph=args.checkpoint_in == "graph")
+        model.unet.compile_layers(checkpoint_in_graph=args.checkpoint_in == "graph",
+                                  inductor_options=parse_inductor_options(args.inductor_option))
     common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "clip": f"{frames}x{args.height}x{args.width}", "torch": torch.__version__}
+    if args.compile:
+        common["inductor_options"] = {**INDUCTOR_OPTIONS, **parse_inductor_options(args.inductor_option)}
     fwd_flop = unet_forward_flops(to_container(cfg.model.params.network_config), frames, args.height, args.width)
 
     def emit(region: str, **fields) -> None:

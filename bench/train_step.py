@@ -113,6 +113,19 @@ KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of CUDA kernel 
 )
 
 
+def parse_inductor_options(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings (`triton.mix_order_reduction=True`) as Inductor options, values read as YAML scalars."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--inductor-option wants KEY=VALUE, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def kernel_summary(prof, step_s: float) -> dict:
     """GPU kernel time of one profiled step by category, the 25 costliest kernels, and the step's wall time: when
     the kernel total is well below the wall time the step is launch- or host-bound."""

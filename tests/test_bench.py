@@ -165,7 +165,8 @@ def test_sample_bench_randomises_zero_initialised_weights_so_modes_can_differ():
 def test_compiled_grads_bench_compares_a_layer_and_bisects_the_compiler_on_a_wrong_one():
     """bench/compiled_grads.py on the tiny config: Inductor's CPU code matches the eager layer (output and
     gradients within fp32 rounding); with a tolerance nothing can meet, the layer counts as wrong and the compiler
-    bisection runs (AOTAutograd's graphs eagerly, Inductor's decompositions eagerly, Inductor in fp32)."""
+    bisection runs (mix-order reduction switched, AOTAutograd's graphs eagerly, Inductor's decompositions eagerly,
+    Inductor in fp32)."""
     import json
 
     out = subprocess.run(
@@ -179,5 +180,9 @@ def test_compiled_grads_bench_compares_a_layer_and_bisects_the_compiler_on_a_wro
     assert checks[0]["grad_x"] < 1e-5 and checks[0]["grad_weights"] < 1e-5 and checks[0]["out"] < 1e-5
     assert checks[0]["grad_x_norm"] > 0 and not checks[0]["nonfinite"]
     bisect = [r for r in rows if r["check"] == "bisect"]
-    assert [r["backend"] for r in bisect] == ["aot_eager", "aot_eager_decomp_partition", "inductor"], rows
+    assert [r["backend"] for r in bisect] == ["inductor", "aot_eager", "aot_eager_decomp_partition", "inductor"], rows
     assert all(r["grad_weights"] < 1e-5 for r in bisect)
+    # the checks ran with vwm's Inductor options; the first bisection step switches mix-order reduction back on
+    assert checks[0]["inductor_options"]["triton.mix_order_reduction"] is False
+    assert bisect[0]["variant_options"]["triton.mix_order_reduction"] is True
+    assert bisect[-1]["dtype"] == "float32" and bisect[-1]["variant_options"]["triton.mix_order_reduction"] is False

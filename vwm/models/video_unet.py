@@ -21,6 +21,15 @@ from vwm.models.embeddings import timestep_embedding
 from vwm.models.layers import AlphaBlender, MergeStrategy, normalization, temporal_conv, zero_module
 
 
+# Inductor options of the compiled UNet layers. Mix-order reduction (on by default since torch 2.10) fuses the
+# per-channel and per-group sums of a norm's backward into one kernel; on an H100 with torch 2.11 it gave the
+# 576x1024 loss forward exactly but gradients 1.9e4 times their norm off (a GroupNorm bias 8.5e6 off; 2026-12-07,
+# bench/results/2026-12-07-h100/compiled_train.jsonl), the silent-correctness bugs reported against it upstream.
+# Off, those backward kernels are the plain two-pass reductions. The forward has no such fusions, so sampling
+# is unaffected. `compile_layers(inductor_options=...)` overrides a key (bench/regions.py --inductor-option).
+INDUCTOR_OPTIONS: dict[str, object] = {"triton.mix_order_reduction": False}
+
+
 class VideoLayer:
     """Mixin for UNet layers that need the timestep embedding, the clip context and the frame count; they can
     recompute their activations in the backward pass (gradient checkpointing)."""
@@ -340,7 +349,7 @@ class VideoUNet(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
-    def compile_layers(self, checkpoint_in_graph: bool = True) -> None:
+    def compile_layers(self, checkpoint_in_graph: bool = True, inductor_options: dict | None = None) -> None:
         """torch.compile each res block and transformer (regional compilation): the norms, activations, residual
         adds and layout changes between the matmuls and convolutions fuse into few kernels. Layers of equal shapes
         share one compiled graph, so a 25-frame SVD UNet compiles about 20 graphs once per resolution. The state
@@ -352,7 +361,8 @@ class VideoUNet(nn.Module):
         checkpointed). It compiles one graph per layer shape and checkpoint flag. False compiles only the layer's
         math and checkpoints around it in eager code: one graph per layer shape whatever the activation plan, and
         no checkpoint operator inside the compiler (`bench/regions.py --checkpoint-in eager`; the in-graph
-        placement failed at 576x1024 on an H100 on 2026-12-06, cause not yet found)."""
+        placement failed at 576x1024 on an H100 on 2026-12-06, cause not yet found). Inductor runs with
+        `INDUCTOR_OPTIONS` updated by `inductor_options`."""
         import functools
 
         import torch._dynamo
@@ -362,11 +372,12 @@ class VideoUNet(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 8 * len(layers))
+        options = {**INDUCTOR_OPTIONS, **(inductor_options or {})}
         for layer in layers:
             if checkpoint_in_graph:
-                layer.compiled_run = torch.compile(layer._run, dynamic=False)
+                layer.compiled_run = torch.compile(layer._run, dynamic=False, options=options)
             else:
-                forward = torch.compile(layer.video_forward, dynamic=False)
+                forward = torch.compile(layer.video_forward, dynamic=False, options=options)
                 layer.compiled_run = functools.partial(layer._run, forward=forward)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
