@@ -81,7 +81,9 @@ def signature(layer: torch.nn.Module, inputs: tuple) -> str:
 def gradients(layer: torch.nn.Module, fn, inputs: tuple, grad_out: torch.Tensor | None, dtype: torch.dtype):  # noqa: ANN001
     """Output and gradients (of x, emb, context and every weight) of `fn(x, emb, context, frames)` for a random
     output gradient (drawn from a fixed seed when `grad_out` is None)."""
-    x, emb, context, frames = (t.to(dtype).requires_grad_() if torch.is_tensor(t) else t for t in inputs)
+    # fresh leaves each call: the recorded tensors must not collect gradients (or requires_grad) across checks
+    x, emb, context, frames = (t.detach().to(dtype).clone().requires_grad_() if torch.is_tensor(t) else t
+                               for t in inputs)
     for p in layer.parameters():
         p.grad = None
     out = fn(x, emb, context, frames)
@@ -152,6 +154,9 @@ def main() -> None:
     p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an Inductor option over vwm's (video_unet.INDUCTOR_OPTIONS) for the checks, e.g. "
                         "triton.mix_order_reduction=True (the torch default); repeatable")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of the checks: each selected layer with each of SWEEP's Inductor options over "
+                        "vwm's, which of them give the eager gradients")
     p.add_argument("--only", nargs="*", default=[], help="check only layers whose signature contains one of these")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -188,6 +193,9 @@ def main() -> None:
         if sig not in distinct and (not args.only or any(s in sig for s in args.only)):
             distinct[sig] = (name, layer, inputs)
     emit(check="plan", layers=len(records), distinct=len(distinct))
+    if args.sweep:
+        sweep(distinct, dtype, args, start, emit)
+        return
     wrong = []
     for mode in args.modes:
         for sig, (name, layer, inputs) in distinct.items():
@@ -208,6 +216,41 @@ def main() -> None:
         emit(check="summary", mode=mode, wrong=[s for s, *_ in wrong])
         if mode == args.modes[0]:
             bisect(wrong[: args.bisect], dtype, device, args, start, emit)
+
+
+SWEEP: list[dict] = [  # Inductor options over vwm's INDUCTOR_OPTIONS; the first is vwm's own
+    {},
+    {"triton.mix_order_reduction": True},
+    {"layout_optimization": False},
+    {"comprehensive_padding": False, "shape_padding": False},
+    {"split_reductions": False},
+    {"triton.persistent_reductions": False},
+    {"emulate_precision_casts": True},
+    {"pattern_matcher": False},
+    {"loop_ordering_after_fusion": False},
+    {"max_fusion_size": 1},
+    {"layout_optimization": False, "split_reductions": False, "triton.persistent_reductions": False},
+]
+
+
+def sweep(distinct: dict, dtype: torch.dtype, args: argparse.Namespace, start: float, emit) -> None:  # noqa: ANN001
+    """Each selected layer compiled with each SWEEP variant (the first mode) against eager; `ok` where the
+    gradients and output are finite and within `--tolerance`."""
+    for sig, (name, layer, inputs) in distinct.items():
+        for variant in SWEEP:
+            if time.perf_counter() - start > args.budget_s:
+                emit(check="stopped", reason="budget", at=f"sweep {sig} {variant}")
+                return
+            options = {**args.options, **variant}
+            try:
+                result = compare(layer, inputs, "inductor", dtype, None, args.modes[0], options)
+            except Exception as err:  # noqa: BLE001
+                result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            ok = "error" not in result and not result["nonfinite"] and all(
+                (result.get(k) or 0) <= args.tolerance for k in ("out", "grad_x", "grad_emb", "grad_weights"))
+            emit(check="sweep", mode=args.modes[0], layer=name, signature=sig, variant=variant, ok=ok, **result)
+            if "error" in result and "illegal" in result["error"]:
+                return
 
 
 def bisect(wrong: list, dtype: torch.dtype, device: torch.device, args: argparse.Namespace, start: float,

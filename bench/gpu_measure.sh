@@ -18,6 +18,10 @@
 #                                      # each distinct layer alone against eager, then a compiler bisection of the
 #                                      # first wrong ones (mix-order reduction switched, AOTAutograd graphs run
 #                                      # eagerly, fp32, flash attention)
+#   bash bench/gpu_measure.sh compile_fix    # the middle block's res block compiled with each Inductor option of
+#                                      # compiled_grads.SWEEP against eager, then the 576x1024 training step
+#                                      # compiled with the first option set that gave the eager gradients (vwm's
+#                                      # own when it does), its compiled-gradient check in the JSON line
 #   bash bench/gpu_measure.sh mix_order      # the middle block's res block compiled with Inductor's mix-order
 #                                      # reduction on (torch's default) against eager, then bisected (the first
 #                                      # step switches it off, as vwm compiles): whether that fusion is the cause
@@ -29,11 +33,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order|compile_fix [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order) ;;
-    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads, mix_order" >&2
+    train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order|compile_fix) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads, mix_order, compile_fix" >&2
        exit 2 ;;
   esac
 done
@@ -90,6 +94,18 @@ for PART in "$@"; do
       timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions unet_fwd --compile --sdpa default --top 40 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/unet_profile.jsonl" ;;
+    compile_fix)
+      timeout "$(cap 230)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --modes plain --only "VideoResBlock(25, 1280, 9, 16)" --sweep --budget-s "$(cap 210)" \
+        2>>"$OUT/$PART.log" | tee -a "$OUT/compile_sweep.jsonl"
+      OPTS=$("$PY" -c 'import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+ok = [r["variant"] for r in rows if r.get("check") == "sweep" and r.get("ok")]
+print(json.dumps(ok[0] if ok else {}, separators=(",", ":")))' "$OUT/compile_sweep.jsonl")
+      echo "compile_fix: compile_options=$OPTS" | tee -a "$OUT/$PART.log"
+      timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --checkpointing auto --steps 8 --warmup 3 model.params.compile_model=True \
+        "model.params.compile_options=$OPTS" 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
     mix_order)
       timeout "$(cap 200)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --modes plain --only "VideoResBlock(25, 1280, 9, 16)" --bisect 1 --budget-s "$(cap 180)" \

@@ -70,13 +70,14 @@ class DiffusionEngine(pl.LightningModule):
         slow_spatial_lr_scale: float = 0.1,
         verify_compiled_gradients: bool = True,
         compiled_gradient_tolerance: float = compiled_check.DEFAULT_TOLERANCE,
+        compile_options: dict | None = None,
     ):
         super().__init__()
         if slow_spatial_layers and train_peft_adapters:
             raise ValueError("slow_spatial_layers and train_peft_adapters are exclusive optimizer modes; set one")
         if en_and_decode_n_samples_a_time is not None and en_and_decode_n_samples_a_time < 1:
             raise ValueError(f"en_and_decode_n_samples_a_time={en_and_decode_n_samples_a_time} must be >= 1 or null")
-        self.model = UNetWrapper(network, compile_model=compile_model)
+        self.model = UNetWrapper(network, compile_model=compile_model, compile_options=compile_options)
         self.denoiser = denoiser
         self.conditioner = conditioner
         self.first_stage_model = first_stage

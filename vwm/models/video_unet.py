@@ -30,6 +30,18 @@ from vwm.models.layers import AlphaBlender, MergeStrategy, normalization, tempor
 INDUCTOR_OPTIONS: dict[str, object] = {"triton.mix_order_reduction": False}
 
 
+def flat_options(options, prefix: str = "") -> dict:  # noqa: ANN001
+    """Inductor options as torch.compile takes them: nested mappings (`{triton: {mix_order_reduction: false}}`, as
+    YAML writes them) become dotted keys (`triton.mix_order_reduction`); dotted keys stay."""
+    flat = {}
+    for key, value in dict(options).items():
+        if hasattr(value, "items"):
+            flat.update(flat_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class VideoLayer:
     """Mixin for UNet layers that need the timestep embedding, the clip context and the frame count; they can
     recompute their activations in the backward pass (gradient checkpointing)."""
@@ -372,7 +384,7 @@ class VideoUNet(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 8 * len(layers))
-        options = {**INDUCTOR_OPTIONS, **(inductor_options or {})}
+        options = {**INDUCTOR_OPTIONS, **flat_options(inductor_options or {})}
         for layer in layers:
             if checkpoint_in_graph:
                 layer.compiled_run = torch.compile(layer._run, dynamic=False, options=options)
@@ -423,11 +435,11 @@ class UNetWrapper(nn.Module):
     """Feeds the conditioner output to the UNet: concatenates `cond["concat"]` to every frame's channels and passes
     `crossattn` as context and `vector` as y (the reference's OpenAIWrapper; state-dict prefix `model.diffusion_model`)."""
 
-    def __init__(self, diffusion_model: VideoUNet, compile_model: bool = False):
+    def __init__(self, diffusion_model: VideoUNet, compile_model: bool = False, compile_options: dict | None = None):
         super().__init__()
         self.diffusion_model = diffusion_model
         if compile_model:
-            diffusion_model.compile_layers()
+            diffusion_model.compile_layers(inductor_options=compile_options)
 
     def forward(
         self, x: torch.Tensor, c_noise: torch.Tensor, cond: dict[str, torch.Tensor], cond_mask: torch.Tensor | None = None
