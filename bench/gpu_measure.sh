@@ -22,9 +22,6 @@
 #                                      # compiled_grads.SWEEP against eager, then the 576x1024 training step
 #                                      # compiled with the first option set that gave the eager gradients (vwm's
 #                                      # own when it does), its compiled-gradient check in the JSON line
-#   bash bench/gpu_measure.sh mix_order      # the middle block's res block compiled with Inductor's mix-order
-#                                      # reduction on (torch's default) against eager, then bisected (the first
-#                                      # step switches it off, as vwm compiles): whether that fusion is the cause
 # TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=True: compiled).
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
@@ -33,11 +30,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order|compile_fix [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|eval|compiled_train|unet_profile|compiled_grads|mix_order|compile_fix) ;;
-    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads, mix_order, compile_fix" >&2
+    train|sample|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
+    *) echo "unknown part $part; allowed: train, sample, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
        exit 2 ;;
   esac
 done
@@ -106,10 +103,6 @@ print(json.dumps(ok[0] if ok else {}, separators=(",", ":")))' "$OUT/compile_swe
       timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --checkpointing auto --steps 8 --warmup 3 model.params.compile_model=True \
         "model.params.compile_options=$OPTS" 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
-    mix_order)
-      timeout "$(cap 200)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
-        --width 1024 --modes plain --only "VideoResBlock(25, 1280, 9, 16)" --bisect 1 --budget-s "$(cap 180)" \
-        --inductor-option triton.mix_order_reduction=True 2>>"$OUT/$PART.log" | tee -a "$OUT/mix_order.jsonl" ;;
     compiled_grads)
       timeout "$(cap 560)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --modes plain ckpt_graph --bisect 2 --budget-s "$(cap 500)" 2>>"$OUT/$PART.log" \

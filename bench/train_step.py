@@ -213,6 +213,10 @@ def main() -> None:
     p.add_argument("--host-profile", metavar="FILE", help="cProfile the timed steps' host side into FILE")
     p.add_argument("--benchmark", choices=["config", "on", "off"], default="config", help="cudnn.benchmark")
     p.add_argument("--conv3d", action="store_true", help="A/B: temporal convs as cuDNN 3-D convolutions")
+    p.add_argument("--zero-init", action="store_true",
+                   help="keep the zero-initialised layers at zero (as a model trained from scratch starts); by "
+                        "default they get random values, as in fine-tuning a pretrained model, so every trainable "
+                        "weight gets a gradient from the first step (and compile_model's gradient check can tell)")
     p.add_argument("overrides", nargs="*", help="a.b=c config overrides")
     args = p.parse_args()
 
@@ -235,6 +239,13 @@ def main() -> None:
 
         unet.temporal_conv = ae.temporal_conv = conv3d
     model = build_model(cfg, device="cuda" if args.accelerator == "gpu" else None)
+    if not args.zero_init:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from sample import randomize_zero_weights  # bench/sample.py
+
+        randomize_zero_weights(model.model)
+        if model.use_ema:
+            model.model_ema.reset(model.model)
     plan = apply_activation_plan(model, cfg, world_size=1, precision=args.precision,
                                  device=torch.device("cuda") if args.accelerator == "gpu" else None)
     model.learning_rate = float(cfg.model.get("base_learning_rate", 1e-5))
@@ -275,7 +286,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "vae_encode_s": None if vae_s is None else round(vae_s, 4),
         "compile": bool(cfg.model.params.get("compile_model", False)),
-        "compile_check": model.compiled_check,  # compiled layers: their gradients against eager ones, step 0 or 1
+        "zero_init": args.zero_init,
+        "compile_check": model.compiled_check,  # compiled layers: their gradients against eager ones
         "warmup_steps_s": [round(t, 1) for t in timer.times[:args.warmup]],  # the first includes compilation
         "steps_timed": len(times), "steps_total": len(timer.losses),
         "losses_finite": all(math.isfinite(v) for v in timer.losses),

@@ -24,7 +24,7 @@ def test_train_step_bench_times_real_steps_and_profiles_the_host(tmp_path):
     row = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert row["steps_timed"] == 2 and row["steps_total"] == 3 and row["losses_finite"]
     assert 0 < row["step_s_min"] <= row["step_s_median"] <= row["step_s_max"]
-    assert row["resolution"] == "5x64x64" and row["compile"] is False
+    assert row["resolution"] == "5x64x64" and row["compile"] is False and row["zero_init"] is False
     assert "run_backward" in host.read_text()  # the profile covers the timed steps' backward passes
 
 

@@ -21,13 +21,22 @@ from vwm.models.embeddings import timestep_embedding
 from vwm.models.layers import AlphaBlender, MergeStrategy, normalization, temporal_conv, zero_module
 
 
-# Inductor options of the compiled UNet layers. Mix-order reduction (on by default since torch 2.10) fuses the
-# per-channel and per-group sums of a norm's backward into one kernel; on an H100 with torch 2.11 it gave the
-# 576x1024 loss forward exactly but gradients 1.9e4 times their norm off (a GroupNorm bias 8.5e6 off; 2026-12-07,
-# bench/results/2026-12-07-h100/compiled_train.jsonl), the silent-correctness bugs reported against it upstream.
-# Off, those backward kernels are the plain two-pass reductions. The forward has no such fusions, so sampling
-# is unaffected. `compile_layers(inductor_options=...)` overrides a key (bench/regions.py --inductor-option).
-INDUCTOR_OPTIONS: dict[str, object] = {"triton.mix_order_reduction": False}
+# Inductor options of the compiled UNet layers. With Inductor's default padding of tensor strides (comprehensive and
+# shape padding), the compiled backward of the SVD res block gave NaN weight gradients in bf16 on an H100 (torch
+# 2.11), while its forward was right: the whole 576x1024 loss matched eager and its gradients were 1.9e4 times their
+# norm off. Of the eleven option sets `bench/compiled_grads.py --sweep` tried on that block, only padding off gave
+# the eager gradients (relative distance 0.0067 in bf16), and with it the compiled 576x1024 training step passed
+# its gradient check (distance 4.0e-4, docs/performance.md, 2026-12-07). Mix-order reduction (fused inner and outer
+# sums of a norm's backward, on by default since torch 2.10, with silent-correctness bugs reported upstream) was
+# not the cause but stays off: the verified step ran without it. Sampling compiles with the same options (one set
+# for every compiled layer); its forward was timed with torch's defaults, so its speed with these is to be measured
+# again (`bash bench/gpu_measure.sh sample`). `compile_layers(inductor_options=...)` and the config's
+# `compile_options` override a key.
+INDUCTOR_OPTIONS: dict[str, object] = {
+    "comprehensive_padding": False,
+    "shape_padding": False,
+    "triton.mix_order_reduction": False,
+}
 
 
 def flat_options(options, prefix: str = "") -> dict:  # noqa: ANN001
