@@ -186,3 +186,17 @@ def test_compiled_grads_bench_compares_a_layer_and_bisects_the_compiler_on_a_wro
     assert checks[0]["inductor_options"]["triton.mix_order_reduction"] is False
     assert bisect[0]["variant_options"]["triton.mix_order_reduction"] is True
     assert bisect[-1]["dtype"] == "float32" and bisect[-1]["variant_options"]["triton.mix_order_reduction"] is False
+
+
+def test_compiled_grads_sweep_compiles_the_layer_with_each_option_set():
+    """`--sweep`: the layer compiled with each of SWEEP's Inductor option sets over vwm's, each judged against
+    eager (on the CPU every set computes the same gradients)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "compiled_grads.py"), "--config",
+         os.path.join(REPO, "configs", "tiny", "train.yaml"), "--height", "64", "--width", "64", "--device", "cpu",
+         "--modes", "plain", "--only", "VideoResBlock(5, 32, 8, 8)", "--sweep"],
+        capture_output=True, text=True, env=clean_subprocess_env(), timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"sweep"' in line]
+    assert len(rows) == 5 and rows[0]["variant"] == {} and rows[-1]["variant"]["shape_padding"] is True, rows
+    assert all(r["ok"] and r["grad_weights"] < 1e-5 for r in rows), rows
+    assert rows[0]["inductor_options"]["comprehensive_padding"] is False
