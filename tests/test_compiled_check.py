@@ -130,7 +130,7 @@ def test_compile_model_arms_the_check_and_the_switch_disarms_it():
     assert not build_tiny()._compiled_check_pending
 
 
-def test_compiled_layers_build_forward_and_backward_with_vwms_inductor_options(monkeypatch):
+def test_compiled_layers_build_forward_and_backward_with_vwms_inductor_options():
     """vwm's Inductor options (video_unet.INDUCTOR_OPTIONS: padding and mix-order reduction off, what gave right
     gradients on an H100) reach the forward and, compiled later and out of that scope, the backward graphs;
     `compile_options` in the config (nested as YAML writes it) overrides one of them."""
@@ -142,19 +142,22 @@ def test_compiled_layers_build_forward_and_backward_with_vwms_inductor_options(m
         config = torch._inductor.config
         seen.append((config.triton.mix_order_reduction, config.comprehensive_padding, config.shape_padding))
 
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", record)
-    for overrides, expected in (((), (False, False, False)),
-                                (("model.params.compile_options={triton: {mix_order_reduction: true}}",),
-                                 (True, False, False))):
-        torch._dynamo.reset()
-        seen.clear()
-        model = build_tiny("model.params.compile_model=True", *overrides)
-        for layer in compiled_layers(model)[1:]:
-            layer.compiled_run = None  # one compiled layer is enough (and quick)
-        model.first_stage_model._encode_frames = None  # the VAE encoder's forward-only graphs are not compared
-        model.compute_loss(make_batch(), torch.Generator().manual_seed(3)).loss.backward()
-        assert len(seen) >= 2 and set(seen) == {expected}, (overrides, seen)  # forward and backward graphs
-        assert torch._inductor.config.triton.mix_order_reduction is True  # the global default is untouched
+    # config.patch restores the module's entry (monkeypatch's undo would delete it: later compiles then fail)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=record):
+        for overrides, expected in (((), (False, False, False)),
+                                    (("model.params.compile_options={triton: {mix_order_reduction: true}}",),
+                                     (True, False, False))):
+            torch._dynamo.reset()
+            seen.clear()
+            model = build_tiny("model.params.compile_model=True", *overrides)
+            for layer in compiled_layers(model)[1:]:
+                layer.compiled_run = None  # one compiled layer is enough (and quick)
+            model.first_stage_model._encode_frames = None  # the VAE encoder's forward-only graphs are not compared
+            model.compute_loss(make_batch(), torch.Generator().manual_seed(3)).loss.backward()
+            assert len(seen) >= 2 and set(seen) == {expected}, (overrides, seen)  # forward and backward graphs
+            assert torch._inductor.config.triton.mix_order_reduction is True  # the global default is untouched
+    torch._dynamo.reset()
+    assert torch._inductor.config.post_grad_custom_post_pass is None
     # padding off: what gave the eager gradients on the H100 (docs/performance.md, 2026-12-07)
     assert video_unet.INDUCTOR_OPTIONS == {"comprehensive_padding": False, "shape_padding": False,
                                            "triton.mix_order_reduction": False}
