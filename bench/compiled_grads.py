@@ -275,5 +275,6 @@ def bisect(wrong: list, dtype: torch.dtype, device: torch.device, args: argparse
             if "error" in result and "illegal" in result["error"]:
                 return
 
+
 if __name__ == "__main__":
     main()

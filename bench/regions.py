@@ -167,13 +167,12 @@ def main() -> None:
     randomize_zero_weights(model.unet)
     model.to(dtype)  # EMA shadows stay fp32 (LitEma._apply)
     plan = apply_activation_plan(model, cfg, world_size=1, precision="bf16-mixed", device=device)
-    if args.compile:
-        model.unet.compile_layers(checkpoint_in_graph=args.checkpoint_in == "graph",
-                                  inductor_options=parse_inductor_options(args.inductor_option))
     common = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "clip": f"{frames}x{args.height}x{args.width}", "torch": torch.__version__}
     if args.compile:
-        common["inductor_options"] = {**INDUCTOR_OPTIONS, **parse_inductor_options(args.inductor_option)}
+        extra = parse_inductor_options(args.inductor_option)
+        model.unet.compile_layers(checkpoint_in_graph=args.checkpoint_in == "graph", inductor_options=extra)
+        common["inductor_options"] = {**INDUCTOR_OPTIONS, **extra}
     fwd_flop = unet_forward_flops(to_container(cfg.model.params.network_config), frames, args.height, args.width)
 
     def emit(region: str, **fields) -> None:

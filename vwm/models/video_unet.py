@@ -381,9 +381,9 @@ class VideoUNet(nn.Module):
         and 40.5 -> 30.9 GiB per 576x1024 phase-1 step against False (H200, 2026-11-22, every layer
         checkpointed). It compiles one graph per layer shape and checkpoint flag. False compiles only the layer's
         math and checkpoints around it in eager code: one graph per layer shape whatever the activation plan, and
-        no checkpoint operator inside the compiler (`bench/regions.py --checkpoint-in eager`; the in-graph
-        placement failed at 576x1024 on an H100 on 2026-12-06, cause not yet found). Inductor runs with
-        `INDUCTOR_OPTIONS` updated by `inductor_options`."""
+        no checkpoint operator inside the compiler (`bench/regions.py --checkpoint-in eager`). Inductor runs with
+        `INDUCTOR_OPTIONS` (stride padding off: with it, both placements gave wrong bf16 gradients on an H100)
+        updated by `inductor_options`."""
         import functools
 
         import torch._dynamo
