@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The open measurements of issue #13 (speed) and #15 (evaluation throughput) on one GPU, each part sized to fit a
 # 10-minute command (compilation included), JSON lines under OUT (default bench/results/<date>-<gpu>/):
-#   bash bench/gpu_measure.sh train    # training steps with use_checkpoint auto (the configs' eager layers unless
+#   bash bench/gpu_measure.sh train    # training steps with use_checkpoint auto (the configs' compiled layers unless
 #                                      # TRAIN_OVERRIDES says otherwise): phase 1 at 576x1024 (and a kernel profile of
 #                                      # one step), phase 2 stage 1 at 320x576, batch 1 (kernel and host profiles) and 4
 #   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8) vs
@@ -22,7 +22,7 @@
 #                                      # compiled_grads.SWEEP against eager, then the 576x1024 training step
 #                                      # compiled with the first option set that gave the eager gradients (vwm's
 #                                      # own when it does), its compiled-gradient check in the JSON line
-# TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=True: compiled).
+# TRAIN_OVERRIDES="a.b=c ..." passes config overrides to the training runs (model.params.compile_model=False: eager).
 # Several parts run in order (`bash bench/gpu_measure.sh eval sample`); with BUDGET_S=<seconds> set, no run goes
 # past that many seconds from the start, so a batch of parts fits one command's limit (the inductor cache
 # makes a part that compiles the same UNet again cheaper than on its own).
@@ -60,39 +60,39 @@ for PART in "$@"; do
   git rev-parse HEAD 2>/dev/null | sed 's/^/commit /' >>"$OUT/$PART.log"
   case $PART in
     train)
-      timeout "$(cap 250)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(cap 250)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --checkpointing auto --steps 8 --warmup 3 --profile "$OUT/train576_profile.txt" \
         $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
-      timeout "$(cap 150)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
+      timeout -k 15 "$(cap 150)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
         --width 576 --checkpointing auto --steps 10 --warmup 3 --profile "$OUT/train320_profile.txt" \
         --host-profile "$OUT/train320_host.txt" $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl"
-      timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
+      timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
         --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/train.jsonl" ;;
     sample)
-      timeout "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
+      timeout -k 15 "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;
     eval)
-      timeout "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \
+      timeout -k 15 "$(cap 560)" "$PY" bench/evaluate.py --clips 3 --compile --metrics fid fvd 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/evaluate.jsonl" ;;
     compiled_train)
       # the compiled layers against the eager ones (loss, gradient distance, time of the loss forward + backward
       # at 576x1024, every layer checkpointed): the default placement (checkpoint inside the compiled graph, which
       # failed on an H100 on 2026-12-06) with the flash attention backend instead of cuDNN, then the checkpoint
       # in eager code around the compiled layers with the default backend
-      timeout "$(cap 260)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(cap 260)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in graph \
         --compare-eager --sdpa flash 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl"
-      timeout "$(left 560)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(left 560)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions loss --reps 2 --top 0 --checkpointing on --compile --checkpoint-in eager \
         --compare-eager --sdpa default 2>>"$OUT/$PART.log" | tee -a "$OUT/compiled_train.jsonl" ;;
     unet_profile)
       # where the compiled sampling step's time goes: one batch-2 (CFG) UNet forward, the 40 costliest kernels
-      timeout "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(cap 240)" "$PY" bench/regions.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --regions unet_fwd --compile --sdpa default --top 40 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/unet_profile.jsonl" ;;
     compile_fix)
-      timeout "$(cap 230)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(cap 230)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --modes plain --only "VideoResBlock(25, 1280, 9, 16)" --sweep --budget-s "$(cap 210)" \
         2>>"$OUT/$PART.log" | tee -a "$OUT/compile_sweep.jsonl"
       OPTS=$("$PY" -c 'import json, sys
@@ -100,11 +100,11 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 ok = [r["variant"] for r in rows if r.get("check") == "sweep" and r.get("ok")]
 print(json.dumps(ok[0] if ok else {}, separators=(",", ":")))' "$OUT/compile_sweep.jsonl")
       echo "compile_fix: compile_options=$OPTS" | tee -a "$OUT/$PART.log"
-      timeout "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --checkpointing auto --steps 8 --warmup 3 model.params.compile_model=True \
         "model.params.compile_options=$OPTS" 2>>"$OUT/$PART.log" | tee -a "$OUT/train.jsonl" ;;
     compiled_grads)
-      timeout "$(cap 560)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
+      timeout -k 15 "$(cap 560)" "$PY" bench/compiled_grads.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --modes plain ckpt_graph --bisect 2 --budget-s "$(cap 500)" 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/compiled_grads.jsonl" ;;
   esac

@@ -35,6 +35,9 @@ from vwm.config import build_model, load_config  # noqa: E402
 from vwm.data.batch import action_batch  # noqa: E402
 from vwm.sampling.actions import normalise_actions  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import parse_inductor_options  # noqa: E402
+
 
 def _start_frame(height: int, width: int) -> torch.Tensor:
     """(1, 1, 3, H, W) in [-1, 1]: a smooth road-like gradient with a little texture (deterministic)."""
@@ -70,6 +73,11 @@ def randomize_zero_weights(module: torch.nn.Module, seed: int = 0) -> int:
     return changed
 
 
+def placement_compiles(mode: str) -> bool:
+    """Whether a mode compiles the UNet's layers (low_vram does: `sample.py --low_vram` compiles on CUDA)."""
+    return mode in ("compiled", "fp8", "low_vram")
+
+
 def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
                reference: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """Build the model on the device, warm up (compiling, in modes `compiled` and `fp8`), time one rollout; the
@@ -81,9 +89,9 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
     if model.num_frames != args.frames:
         raise ValueError(f"--frames={args.frames} is invalid; allowed: {model.num_frames} (the config's "
                          "num_frames)")
-    # low_vram compiles too: `sample.py --low_vram` does on CUDA (--compile auto)
-    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=mode in ("compiled", "fp8", "low_vram"),
-                             fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None)
+    placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=placement_compiles(mode),
+                             fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None,
+                             inductor_options=args.options)
     frames = _start_frame(args.height, args.width)
     actions = [action_batch([normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
     settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
@@ -109,6 +117,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
         "stages_s": {k: round(v, 3) for k, v in result.timings.items()},
         "finite": bool(torch.isfinite(result.video).all()), "torch": torch.__version__,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "inductor_options": args.options if placement_compiles(mode) else None,
     }
     if args.decode_bf16:  # the same latents decoded again with the VAE decoder in bf16 (Placement(decode_dtype=))
         chunk = placement.decode_chunk(settings) or result.latents.shape[1]
@@ -157,10 +166,15 @@ def main() -> None:
     parser.add_argument("--decode_bf16", action="store_true",
                         help="also decode each mode's latents with the VAE decoder in bf16: its time and PSNR "
                              "against the fp32 decode")
+    parser.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="compiled modes: an Inductor option over torch's defaults (sampling compiles with "
+                             "them: VideoUNet.compile_layers(inference=True)), e.g. comprehensive_padding=False; "
+                             "repeatable")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cudnn_benchmark", choices=["on", "off"], default="off",
                         help="torch.backends.cudnn.benchmark: time the convolution algorithms for the fixed shapes")
     args = parser.parse_args()
+    args.options = parse_inductor_options(args.inductor_option)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     device = torch.device(args.device)
     cfg = load_config(args.config)

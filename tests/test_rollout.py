@@ -277,6 +277,34 @@ def test_compiled_unet_samples_the_same_rollout():
     torch.testing.assert_close(got.video, expected.video, rtol=2e-3, atol=2e-3)  # through the compiled decoder
 
 
+def test_sampling_compiles_the_unet_with_inductors_defaults_and_the_given_overrides():
+    """Sampling takes no gradients, and the stride padding that training turns off (video_unet.INDUCTOR_OPTIONS) broke
+    only the backward; with it the compiled forward is faster (docs/performance.md). So Placement compiles the UNet's
+    layers with Inductor's defaults, updated by `inductor_options` (bench/sample.py --inductor-option)."""
+    config = torch._inductor.config
+    seen = []
+
+    def record(graph):  # noqa: ANN001, ANN202  (a post-grad pass: sees the config each graph compiles under)
+        seen.append((config.comprehensive_padding, config.shape_padding, config.triton.mix_order_reduction))
+
+    defaults = (config.comprehensive_padding, config.shape_padding, config.triton.mix_order_reduction)
+    assert defaults == (True, True, True)  # torch's; training's differ in every one (test_compiled_check.py)
+    with config.patch(post_grad_custom_post_pass=record):
+        for options, expected in ((None, defaults), ({"shape_padding": False}, (True, False, True))):
+            torch._dynamo.reset()
+            seen.clear()
+            model = build_tiny()
+            placement = ro.Placement(model, "cpu", compile_unet=True, inductor_options=options)
+            layers = [m for m in model.unet.modules() if getattr(m, "compiled_run", None) is not None]
+            for layer in layers[1:]:
+                layer.compiled_run = None  # one compiled layer is enough (and quick)
+            model.first_stage_model._decode_frames = None  # the decoder compiles with the defaults in any case
+            frames, actions, generators = _inputs()
+            ro.rollout(model, frames, actions, generators, ro.RolloutSettings(n_steps=1, cfg_scale=2.0), placement)
+            assert seen and set(seen) == {expected}, (options, seen)
+    torch._dynamo.reset()
+
+
 def test_bf16_decoder_changes_only_the_decode_and_stays_within_bf16_rounding():
     """Placement(decode_dtype=torch.bfloat16) (sample.py --decode_dtype bf16) runs the VAE decoder in bf16 and
     nothing else: the encoder stays fp32, the sampled latents are bit-identical (one round: no decoded frame feeds

@@ -162,7 +162,8 @@ class Placement:
     Constructing it prepares the model in place: eval mode, no gradients, the UNet cast to `unet_dtype`
     (default bf16 on CUDA, fp32 elsewhere; inputs are cast on the way in and outputs back to fp32, so the
     sampler state stays fp32), everything on `device` (low_vram: on the CPU), and with `compile_unet` the
-    UNet's layers and the VAE decoder compiled (`VideoUNet.compile_layers`); with `fp8` its large linear layers run as FP8 products
+    UNet's layers and the VAE decoder compiled (`VideoUNet.compile_layers(inference=True)`: Inductor's defaults,
+    updated by `inductor_options`); with `fp8` its large linear layers run as FP8 products
     (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights, except the VAE
     decoder when `decode_dtype` is given (bf16: within bf16 rounding of the fp32 frames, 58 dB PSNR, and 1.75 ->
     0.96 s for a 25x576x1024 clip on an H100, docs/performance.md).
@@ -170,7 +171,7 @@ class Placement:
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
                  unet_dtype: torch.dtype | None = None, compile_unet: bool = False, fp8: bool = False,
-                 decode_dtype: torch.dtype | None = None):
+                 decode_dtype: torch.dtype | None = None, inductor_options: dict | None = None):
         self.model = model
         self.device = torch.device(device)
         self.low_vram = low_vram
@@ -191,7 +192,7 @@ class Placement:
         if compile_unet and not any(getattr(m, "compiled_run", None) for m in model.unet.modules()):
             # Regional compilation (one graph per layer shape, compiled at the first round): the sampler calls
             # the UNet with the same shapes every step, so the cost is paid once per rollout shape.
-            model.unet.compile_layers()
+            model.unet.compile_layers(inductor_options=inductor_options, inference=True)
             if hasattr(model.first_stage_model, "compile_decoder"):
                 model.first_stage_model.compile_decoder()
 

@@ -21,17 +21,17 @@ from vwm.models.embeddings import timestep_embedding
 from vwm.models.layers import AlphaBlender, MergeStrategy, normalization, temporal_conv, zero_module
 
 
-# Inductor options of the compiled UNet layers. With Inductor's default padding of tensor strides (comprehensive and
-# shape padding), the compiled backward of the SVD res block gave NaN weight gradients in bf16 on an H100 (torch
-# 2.11), while its forward was right: the whole 576x1024 loss matched eager and its gradients were 1.9e4 times their
-# norm off. Of the eleven option sets `bench/compiled_grads.py --sweep` tried on that block, only padding off gave
-# the eager gradients (relative distance 0.0067 in bf16), and with it the compiled 576x1024 training step passed
-# its gradient check (distance 4.0e-4, docs/performance.md, 2026-12-07). Mix-order reduction (fused inner and outer
-# sums of a norm's backward, on by default since torch 2.10, with silent-correctness bugs reported upstream) was
-# not the cause but stays off: the verified step ran without it. Sampling compiles with the same options (one set
-# for every compiled layer); its forward was timed with torch's defaults, so its speed with these is to be measured
-# again (`bash bench/gpu_measure.sh sample`). `compile_layers(inductor_options=...)` and the config's
-# `compile_options` override a key.
+# Inductor options of the compiled UNet layers in training. With Inductor's default padding of tensor strides
+# (comprehensive and shape padding), the compiled backward of the SVD res block gave NaN weight gradients in bf16 on
+# an H100 (torch 2.11), while its forward was right: the whole 576x1024 loss matched eager and its gradients were
+# 1.9e4 times their norm off. Of the eleven option sets `bench/compiled_grads.py --sweep` tried on that block, only
+# padding off gave the eager gradients (relative distance 0.0067 in bf16), and with it the compiled 576x1024 training
+# step passed its gradient check (distance 4.0e-4, docs/performance.md, 2026-12-07). Mix-order reduction (fused
+# inner and outer sums of a norm's backward, on by default since torch 2.10, with silent-correctness bugs reported
+# upstream) was not the cause but stays off: the verified step ran without it. Sampling, which has no backward,
+# compiles with torch's defaults (`compile_layers(inference=True)`): padding off made its 50-step 576x1024 rollout
+# 0.8 s slower (docs/performance.md). `compile_layers(inductor_options=...)` and the config's `compile_options`
+# override a key.
 INDUCTOR_OPTIONS: dict[str, object] = {
     "comprehensive_padding": False,
     "shape_padding": False,
@@ -370,7 +370,8 @@ class VideoUNet(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
-    def compile_layers(self, checkpoint_in_graph: bool = True, inductor_options: dict | None = None) -> None:
+    def compile_layers(self, checkpoint_in_graph: bool = True, inductor_options: dict | None = None,
+                       inference: bool = False) -> None:
         """torch.compile each res block and transformer (regional compilation): the norms, activations, residual
         adds and layout changes between the matmuls and convolutions fuse into few kernels. Layers of equal shapes
         share one compiled graph, so a 25-frame SVD UNet compiles about 20 graphs once per resolution. The state
@@ -383,7 +384,9 @@ class VideoUNet(nn.Module):
         math and checkpoints around it in eager code: one graph per layer shape whatever the activation plan, and
         no checkpoint operator inside the compiler (`bench/regions.py --checkpoint-in eager`). Inductor runs with
         `INDUCTOR_OPTIONS` (stride padding off: with it, both placements gave wrong bf16 gradients on an H100)
-        updated by `inductor_options`."""
+        updated by `inductor_options`; with `inference` (sampling: no gradients are ever taken) with torch's
+        defaults updated by `inductor_options`, since the padding fault is in the backward and padding makes the
+        forward faster."""
         import functools
 
         import torch._dynamo
@@ -393,7 +396,7 @@ class VideoUNet(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 8 * len(layers))
-        options = {**INDUCTOR_OPTIONS, **flat_options(inductor_options or {})}
+        options = {**({} if inference else INDUCTOR_OPTIONS), **flat_options(inductor_options or {})}
         for layer in layers:
             if checkpoint_in_graph:
                 layer.compiled_run = torch.compile(layer._run, dynamic=False, options=options)
