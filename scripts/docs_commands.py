@@ -277,17 +277,49 @@ def setup_sandbox(sandbox: str) -> None:
                    {"command": "left", "speed": [25, 25, 24, 24], "angle": [60, 90, 90, 60]}], f)
 
 
-def check_synopsis(command: Command) -> list[str]:
-    """Flags of a synopsis line that the tool's --help does not list (empty: all known)."""
+def help_command(command: Command) -> tuple[str, ...]:
+    """The command whose --help lists the flags of a synopsis line: the tool, and its subcommand if it has one."""
     argv = tool_and_args(command.text)
-    flags = sorted({t.strip("[]|").split("=")[0] for t in argv if t.strip("[]").startswith("--")})
     prefix = argv[:2] if argv[1] != "-m" else argv[:3]
     rest = argv[len(prefix):]
     if rest and not rest[0].startswith("-") and rest[0].isalpha() and rest[0] in ("build", "index", "write",
                                                                                   "reward"):
         prefix.append(rest[0])
-    help_text = subprocess.run([*prefix, "--help"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                               env=_env()).stdout
+    return tuple(prefix)
+
+
+class HelpTexts:
+    """The --help output of each tool, every one started at once in the background and each read when first needed
+    (a tool's --help takes seconds, most of them imports: started together, they overlap)."""
+
+    def __init__(self, prefixes: list[tuple[str, ...]]):
+        self._procs = {p: subprocess.Popen([*p, "--help"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                           text=True, cwd=REPO, env=_env()) for p in dict.fromkeys(prefixes)}
+        self._texts: dict[tuple[str, ...], str] = {}
+
+    def __getitem__(self, prefix: tuple[str, ...]) -> str:
+        if prefix not in self._texts:
+            self._texts[prefix] = self._procs[prefix].communicate(timeout=300)[0]
+        return self._texts[prefix]
+
+    def close(self) -> None:
+        """Stop the ones still running (after an error elsewhere)."""
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def check_synopsis(command: Command, helps: HelpTexts | None = None) -> list[str]:
+    """Flags of a synopsis line that the tool's --help does not list (empty: all known)."""
+    argv = tool_and_args(command.text)
+    flags = sorted({t.strip("[]|").split("=")[0] for t in argv if t.strip("[]").startswith("--")})
+    prefix = help_command(command)
+    if helps is None:
+        help_text = subprocess.run([*prefix, "--help"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                                   env=_env()).stdout
+    else:
+        help_text = helps[prefix]
     if "train.py" in prefix[-1]:  # any Trainer argument passes through to lightning.trainer
         import inspect
 
@@ -309,17 +341,26 @@ def _env() -> dict[str, str]:
 def run_all(sandbox: str, log=print) -> list[dict]:
     """Set up the sandbox, then run every runnable command (deduplicated) and check every synopsis; raises
     RuntimeError naming the first command that fails."""
-    setup_sandbox(sandbox)
     commands = extract()
     order = {f: i for i, f in enumerate(DOC_ORDER)}
     commands.sort(key=lambda c: (order.get(c.file, len(order)), c.line))
+    helps = HelpTexts([help_command(c) for c in commands if classify(c)[0] == "synopsis"])  # meanwhile, the runs
+    try:
+        return _run_in_sandbox(sandbox, commands, helps, log)
+    finally:
+        helps.close()
+
+
+def _run_in_sandbox(sandbox: str, commands: list[Command], helps: HelpTexts, log) -> list[dict]:
+    """run_all's body, once the --help commands are started."""
+    setup_sandbox(sandbox)
     done: dict[tuple[str, ...], str] = {}
     report = []
     for command in commands:
         kind, detail = classify(command)
         entry = {"where": command.where, "command": command.text, "kind": kind}
         if kind == "synopsis":
-            unknown = check_synopsis(command)
+            unknown = check_synopsis(command, helps)
             if unknown:
                 raise RuntimeError(f"{command.where}: {command.text!r} names flags the tool does not take: {unknown}")
         elif kind == "run":

@@ -120,11 +120,14 @@ def test_gpu_measure_script_uses_only_flags_its_tools_accept():
     calls = re.findall(r'"\$PY" (bench/\w+\.py)([^|]*?)2>>', text)
     assert {tool for tool, _ in calls} == {"bench/train_step.py", "bench/sample.py", "bench/evaluate.py",
                                           "bench/regions.py", "bench/compiled_grads.py"}
+    procs = {tool: subprocess.Popen([sys.executable, os.path.join(REPO, tool), "--help"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=clean_subprocess_env())
+             for tool in dict.fromkeys(tool for tool, _ in calls)}  # all at once: each --help is mostly imports
     helps = {}
+    for tool, proc in procs.items():
+        helps[tool], err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{tool} --help failed:\n{err[-3000:]}"
     for tool, args in calls:
-        if tool not in helps:
-            helps[tool] = subprocess.run([sys.executable, os.path.join(REPO, tool), "--help"], capture_output=True,
-                                         text=True, check=True, env=clean_subprocess_env(), timeout=300).stdout
         for flag in re.findall(r"(?<!\S)(--[\w-]+)", args):
             assert re.search(re.escape(flag) + r"(?![\w-])", helps[tool]), f"{tool} has no {flag}"
         for config in re.findall(r"configs/[\w/]+\.yaml", args):
