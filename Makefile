@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Two pytest-xdist workers: in one process the suite keeps about one core busy (single-threaded tests, and
 # subprocesses that spend most of their time importing, one after another), so on the 2-core CI machine two workers
-# take its time from 28 to 16.5-19.5 minutes (2026-12-07). PYTEST_WORKERS=0 runs every test in one process.
+# take its time from 28 to 16.5-22.5 minutes (2026-12-07). PYTEST_WORKERS=0 runs every test in one process.
 PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS))
 
