@@ -293,13 +293,17 @@ class HelpTexts:
     (a tool's --help takes seconds, most of them imports: started together, they overlap)."""
 
     def __init__(self, prefixes: list[tuple[str, ...]]):
-        self._procs = {p: subprocess.Popen([*p, "--help"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        self._procs = {p: subprocess.Popen([*p, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True, cwd=REPO, env=_env()) for p in dict.fromkeys(prefixes)}
         self._texts: dict[tuple[str, ...], str] = {}
 
     def __getitem__(self, prefix: tuple[str, ...]) -> str:
         if prefix not in self._texts:
-            self._texts[prefix] = self._procs[prefix].communicate(timeout=300)[0]
+            proc = self._procs[prefix]
+            out, err = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(prefix)} --help failed (exit {proc.returncode}):\n{err[-3000:]}")
+            self._texts[prefix] = out
         return self._texts[prefix]
 
     def close(self) -> None:
@@ -310,16 +314,12 @@ class HelpTexts:
             proc.communicate()
 
 
-def check_synopsis(command: Command, helps: HelpTexts | None = None) -> list[str]:
-    """Flags of a synopsis line that the tool's --help does not list (empty: all known)."""
+def check_synopsis(command: Command, helps: HelpTexts) -> list[str]:
+    """Flags of a synopsis line that the tool's --help (from `helps`) does not list (empty: all known)."""
     argv = tool_and_args(command.text)
     flags = sorted({t.strip("[]|").split("=")[0] for t in argv if t.strip("[]").startswith("--")})
     prefix = help_command(command)
-    if helps is None:
-        help_text = subprocess.run([*prefix, "--help"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                                   env=_env()).stdout
-    else:
-        help_text = helps[prefix]
+    help_text = helps[prefix]
     if "train.py" in prefix[-1]:  # any Trainer argument passes through to lightning.trainer
         import inspect
 
