@@ -305,6 +305,28 @@ def test_sampling_compiles_the_unet_with_inductors_defaults_and_the_given_overri
     torch._dynamo.reset()
 
 
+def test_placement_uses_the_fused_geglu_only_where_it_can_run():
+    """Placement(fused_geglu=None) switches the UNet's GEGLUs to the fused kernel only for a CUDA
+    bf16/fp16 UNet with Triton; on the CPU they stay plain, and an explicit True there still samples the plain
+    path (the kernel refuses CPU tensors), so the rollout is bit-identical."""
+    from vwm.models.layers import GEGLU
+
+    frames, actions, generators = _inputs()
+    settings = ro.RolloutSettings(n_steps=2, cfg_scale=2.0)
+    model = build_tiny()
+    placement = ro.Placement(model, "cpu", fused_geglu=None)
+    assert placement.fused_geglu is False
+    geglus = [m for m in model.unet.modules() if isinstance(m, GEGLU)]
+    assert geglus and not any(m.fused for m in geglus)
+    plain = ro.rollout(model, frames, actions, generators, settings, placement)
+    model = build_tiny()
+    placement = ro.Placement(model, "cpu", fused_geglu=True)
+    assert all(m.fused for m in model.unet.modules() if isinstance(m, GEGLU))
+    frames, actions, generators = _inputs()
+    forced = ro.rollout(model, frames, actions, generators, settings, placement)
+    assert torch.equal(forced.latents, plain.latents)
+
+
 def test_bf16_decoder_changes_only_the_decode_and_stays_within_bf16_rounding():
     """Placement(decode_dtype=torch.bfloat16) (sample.py --decode_dtype bf16) runs the VAE decoder in bf16 and
     nothing else: the encoder stays fp32, the sampled latents are bit-identical (one round: no decoded frame feeds

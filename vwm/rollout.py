@@ -34,6 +34,8 @@ from vwm.diffusion.noise import EDMDiscretization
 from vwm.diffusion.sampler import EulerEDMSampler, Guider, HeunEDMSampler
 from vwm.models.engine import DiffusionEngine, step_seed
 from vwm.models.fp8 import convert_to_fp8
+from vwm.models.fused_geglu import available as fused_geglu_available
+from vwm.models.layers import use_fused_geglu
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,8 @@ class Placement:
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
                  unet_dtype: torch.dtype | None = None, compile_unet: bool = False, fp8: bool = False,
-                 decode_dtype: torch.dtype | None = None, inductor_options: dict | None = None):
+                 decode_dtype: torch.dtype | None = None, inductor_options: dict | None = None,
+                 fused_geglu: bool | None = False):
         self.model = model
         self.device = torch.device(device)
         self.low_vram = low_vram
@@ -189,6 +192,13 @@ class Placement:
                 raise ValueError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
                                  f"{torch.cuda.get_device_name(self.device)} has none: sample without --fp8")
             convert_to_fp8(model.unet)
+        # The feed-forward GEGLU as one kernel (vwm.models.fused_geglu; None: wherever it can run, a CUDA bf16/fp16
+        # UNet with Triton; FP8-converted projections keep their own path). Off by default until it is timed on a GPU.
+        if fused_geglu is None:
+            fused_geglu = (self.device.type == "cuda" and self.unet_dtype in (torch.bfloat16, torch.float16)
+                           and fused_geglu_available())
+        self.fused_geglu = bool(fused_geglu)
+        use_fused_geglu(model.unet, self.fused_geglu)
         if compile_unet and not any(getattr(m, "compiled_run", None) for m in model.unet.modules()):
             # Regional compilation (one graph per layer shape, compiled at the first round): the sampler calls
             # the UNet with the same shapes every step, so the cost is paid once per rollout shape.

@@ -54,13 +54,30 @@ def zero_module(module: nn.Module) -> nn.Module:
 class GEGLU(nn.Module):
     """Gated GELU projection: (x W + b) split in two halves a, g -> a * gelu(g) (Shazeer 2020)."""
 
+    fused = False
+    """Set by `use_fused_geglu`: take `vwm.models.fused_geglu` (one kernel, no double-width intermediate) whenever
+    it supports the call (CUDA bf16/fp16, no gradient); the plain path otherwise."""
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and type(self.proj) is nn.Linear:
+            from vwm.models import fused_geglu
+
+            if fused_geglu.supported(x, self.proj.weight):
+                return fused_geglu.geglu(x, self.proj.weight, self.proj.bias)
         a, gate = self.proj(x).chunk(2, dim=-1)
         return a * F.gelu(gate)
+
+
+def use_fused_geglu(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every `GEGLU` of `model` to the fused kernel (or back); returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, GEGLU)]
+    for layer in layers:
+        layer.fused = enabled
+    return len(layers)
 
 
 class FeedForward(nn.Module):
