@@ -359,3 +359,21 @@ def test_decode_dtype_bf16_decodes_in_bf16_within_rounding_of_fp32(ckpt, tmp_pat
     assert a.shape == b.shape
     assert np.abs(a - b).max() <= 8 and np.abs(a - b).mean() < 1.0
     assert np.array_equal(a, c)
+
+
+def test_cudnn_benchmark_is_opt_in_and_only_on_cuda(monkeypatch):
+    """--cudnn_benchmark lets cuDNN pick convolution algorithms by timing (0.5 s less per 25x576x1024 rollout on an
+    H100, docs/performance.md) at the cost of run-to-run bit-identity, so it is off unless asked for, and a CPU run
+    never touches the flag."""
+    from vwm.cli.sample import parser
+    from vwm.sampling.options import SampleOptions
+    from vwm.sampling.run import apply_cudnn_benchmark
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert parser().parse_args([]).cudnn_benchmark is False
+    assert parser().parse_args(["--cudnn_benchmark"]).cudnn_benchmark is True
+    assert apply_cudnn_benchmark(SampleOptions(cudnn_benchmark=False), torch.device("cuda")) is False
+    assert apply_cudnn_benchmark(SampleOptions(cudnn_benchmark=True), torch.device("cpu")) is False
+    assert torch.backends.cudnn.benchmark is False
+    assert apply_cudnn_benchmark(SampleOptions(cudnn_benchmark=True), torch.device("cuda")) is True
+    assert torch.backends.cudnn.benchmark is True

@@ -168,7 +168,9 @@ class Placement:
     updated by `inductor_options`); with `fp8` its large linear layers run as FP8 products
     (`vwm.models.fp8`, Hopper or newer). The conditioner and the VAE keep their fp32 weights, except the VAE
     decoder when `decode_dtype` is given (bf16: within bf16 rounding of the fp32 frames, 58 dB PSNR, and 1.75 ->
-    0.96 s for a 25x576x1024 clip on an H100, docs/performance.md).
+    0.96 s for a 25x576x1024 clip on an H100, docs/performance.md). `fused_geglu` runs the feed-forward GEGLUs as
+    one Triton kernel each (`vwm.models.fused_geglu`; None: where it can run), an option for now: it measured
+    slower than the plain compiled path.
     """
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
@@ -193,7 +195,8 @@ class Placement:
                                  f"{torch.cuda.get_device_name(self.device)} has none: sample without --fp8")
             convert_to_fp8(model.unet)
         # The feed-forward GEGLU as one kernel (vwm.models.fused_geglu; None: wherever it can run, a CUDA bf16/fp16
-        # UNet with Triton; FP8-converted projections keep their own path). Off by default until it is timed on a GPU.
+        # UNet with Triton; FP8-converted projections keep their own path). Off by default: on an H100 its Triton
+        # product is slower than cuBLAS's, 74 against 60 ms per batch-2 forward (docs/performance.md).
         if fused_geglu is None:
             fused_geglu = (self.device.type == "cuda" and self.unet_dtype in (torch.bfloat16, torch.float16)
                            and fused_geglu_available())

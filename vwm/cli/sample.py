@@ -105,6 +105,11 @@ def parser(reward: bool = False) -> argparse.ArgumentParser:
                    help="the VAE decoder's precision (auto: bf16 on CUDA, fp32 elsewhere; fp32 is the reference's): "
                         "bf16 stays within bf16 rounding of the fp32 frames (58 dB PSNR) and decodes a "
                         "25x576x1024 clip in 0.96 s instead of 1.75 s on an H100 (docs/sampling.md)")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="CUDA: let cuDNN time its convolution algorithms for the rollout's fixed shapes at the "
+                        "first use: about 0.5 s less per 25x576x1024 rollout on an H100, but the algorithms it "
+                        "picks can differ between runs, so the same seed is no longer bit-identical across runs "
+                        "(docs/sampling.md)")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the plan (config, samples, frames, parameters, weight memory) and exit")
     return p

@@ -63,6 +63,7 @@ class SampleOptions:
     compile: str = "auto"
     fp8: bool = False
     decode_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    cudnn_benchmark: bool = False
     batch_size: int = 1
     decode_chunk: int | None = None
     fps: float = 10.0

@@ -34,6 +34,14 @@ from vwm.sampling.source import Item, Source, condition_frames, round_actions, s
 log = logging.getLogger(__name__)
 
 
+
+def apply_cudnn_benchmark(opts: SampleOptions, device: torch.device) -> bool:
+    """--cudnn_benchmark on CUDA: cuDNN times its convolution algorithms for each new shape (a rollout's shapes are
+    fixed, so once) and keeps the fastest. Returns whether it is on; a CPU run leaves the flag alone."""
+    if opts.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return bool(torch.backends.cudnn.benchmark)
+
 def sample_batch(model: DiffusionEngine, placement: Placement, opts: SampleOptions, batch: list[int], items: list[Item],
                   actions: list[dict]) -> tuple[torch.Tensor, list[float] | None, dict[str, float]]:
     """(video (B, L, 3, H, W) in [-1, 1], rewards or None, seconds per stage) of one batch of clips."""
@@ -70,6 +78,7 @@ def run(opts: SampleOptions) -> dict:
         return {**plan, **describe_model(cfg, opts, device)}
     model = load_model(opts, cfg)
     assert model.num_frames == num_frames, (model.num_frames, num_frames)
+    apply_cudnn_benchmark(opts, device)
     compile_unet = opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
     bf16_decode = opts.decode_dtype == "bf16" or (opts.decode_dtype == "auto" and device.type == "cuda")
     placement = Placement(model, device, low_vram=opts.low_vram, compile_unet=compile_unet, fp8=opts.fp8,
