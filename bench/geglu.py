@@ -5,6 +5,7 @@ path's, both against an fp32 computation from the same bf16 inputs), then a tota
 
     python bench/geglu.py                     # 25x576x1024, batch 2 (one CFG step)
     python bench/geglu.py --height 320 --width 576 --batch 1
+    python bench/geglu.py --sweep             # and every tile config of the kernel's autotuning list
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=25)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time every tile config of the kernel's autotuning list at each shape (each shape's "
+                             "line gets sweep_ms: milliseconds per config), to tune the list")
     args = parser.parse_args()
     if not fused_geglu.available():
         raise SystemExit("bench/geglu.py needs a CUDA GPU with Triton")
@@ -80,6 +84,18 @@ def main() -> None:
                 line[f"{name}_max_err"] = round((y.float() - exact).abs().max().item() / scale, 6)
                 line[f"{name}_ms"] = round(timed(fn, args.reps), 4)
                 total[f"{name}_ms"] += line[f"{name}_ms"] * row["per_forward"]
+            if args.sweep:
+                sweep = {}
+                for config in fused_geglu._configs():
+                    name = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**config.kwargs)
+                    name += f"_w{config.num_warps}_s{config.num_stages}"
+                    try:
+                        fused_geglu.run_config(x, weight, bias, config)
+                        sweep[name] = round(timed(lambda c=config: fused_geglu.run_config(x, weight, bias, c),
+                                                  args.reps), 4)
+                    except Exception as err:  # noqa: BLE001 - a config that does not fit (shared memory) is data
+                        sweep[name] = f"failed: {type(err).__name__}"
+                line["sweep_ms"] = sweep
             del exact
         print(json.dumps(line), flush=True)
     print(json.dumps({"bench": "geglu_per_forward", **{k: round(v, 2) for k, v in total.items()},

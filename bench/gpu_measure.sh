@@ -7,8 +7,11 @@
 #   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8) vs
 #                                      # --low_vram (compiled, as sample.py runs it on CUDA), each with the VAE
 #                                      # decode again in bf16 (--decode_dtype bf16)
+#   bash bench/gpu_measure.sh profile576  # where the phase-1 576x1024 step's time goes: a kernel and a host profile of
+#                                      # one eager step (quick: no compilation), then of one compiled step
 #   bash bench/gpu_measure.sh geglu    # the fused GEGLU kernel against the plain projection + gate at a sampling
-#                                      # step's shapes (bench/geglu.py), then a rollout compiled without and with it
+#                                      # step's shapes (bench/geglu.py, every tile config too), then a rollout
+#                                      # compiled without and with it
 #   bash bench/gpu_measure.sh eval     # the Vista-protocol evaluation's seconds per clip (compiled UNet)
 #   bash bench/gpu_measure.sh compiled_train  # why compiled training failed on an H100 (2026-12-06): the compiled
 #                                      # layers' loss forward + backward at 576x1024 (every layer checkpointed) against
@@ -32,11 +35,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|profile576|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
-    *) echo "unknown part $part; allowed: train, sample, geglu, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
+    train|profile576|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
+    *) echo "unknown part $part; allowed: train, profile576, sample, geglu, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
        exit 2 ;;
   esac
 done
@@ -74,8 +77,17 @@ for PART in "$@"; do
     sample)
       timeout -k 15 "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;
+    profile576)
+      timeout -k 15 "$(cap 170)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --checkpointing auto --steps 3 --warmup 3 --profile "$OUT/train576_eager_profile.txt" \
+        --host-profile "$OUT/train576_eager_host.txt" model.params.compile_model=False 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/train.jsonl"
+      timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --checkpointing auto --steps 3 --warmup 3 --profile "$OUT/train576_compiled_profile.txt" \
+        --host-profile "$OUT/train576_compiled_host.txt" $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/train.jsonl" ;;
     geglu)
-      timeout -k 15 "$(cap 150)" "$PY" bench/geglu.py 2>>"$OUT/$PART.log" | tee -a "$OUT/geglu.jsonl"
+      timeout -k 15 "$(cap 150)" "$PY" bench/geglu.py --sweep 2>>"$OUT/$PART.log" | tee -a "$OUT/geglu.jsonl"
       timeout -k 15 "$(left 560)" "$PY" bench/sample.py --modes compiled fused --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;
     eval)

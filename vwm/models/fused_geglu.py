@@ -94,6 +94,21 @@ if triton is not None:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    def run_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, config,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel with one given `triton.Config` instead of the autotuned choice (x (M, K) contiguous; for
+        `bench/geglu.py --sweep`, which times every config of the autotuning list at each shape), into `out`
+        (M, N) when given."""
+        m, k = x.shape
+        n = weight.shape[0] // 2
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+        meta = config.kwargs
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _geglu_kernel.fn[grid](x, weight, bias, out, m, n, k, x.stride(0), x.stride(1), weight.stride(0),
+                               weight.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias.numel() > 0,
+                               num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+        return out
+
     @torch.library.triton_op("vwm::geglu", mutates_args=())
     def _geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         m, k = x.shape

@@ -34,13 +34,13 @@ from vwm.sampling.source import Item, Source, condition_frames, round_actions, s
 log = logging.getLogger(__name__)
 
 
-
 def apply_cudnn_benchmark(opts: SampleOptions, device: torch.device) -> bool:
     """--cudnn_benchmark on CUDA: cuDNN times its convolution algorithms for each new shape (a rollout's shapes are
     fixed, so once) and keeps the fastest. Returns whether it is on; a CPU run leaves the flag alone."""
     if opts.cudnn_benchmark and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return bool(torch.backends.cudnn.benchmark)
+
 
 def sample_batch(model: DiffusionEngine, placement: Placement, opts: SampleOptions, batch: list[int], items: list[Item],
                   actions: list[dict]) -> tuple[torch.Tensor, list[float] | None, dict[str, float]]:
