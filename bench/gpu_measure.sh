@@ -9,6 +9,10 @@
 #                                      # decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh profile576  # where the phase-1 576x1024 step's time goes: a kernel and a host profile of
 #                                      # one eager step (quick: no compilation), then of one compiled step
+#   bash bench/gpu_measure.sh zero_step  # the 576x1024 phase-1 step with DeepSpeed's stock optimizer step (its bf16
+#                                      # overflow check, per-tensor norm, foreach AdamW: --deepspeed-stock) against
+#                                      # vwm's (vwm/training/zero_step.py, fused AdamW), eager (quick), then vwm's
+#                                      # compiled; each line has the step's regions (regions_ms)
 #   bash bench/gpu_measure.sh geglu    # the fused GEGLU kernel against the plain projection + gate at a sampling
 #                                      # step's shapes (bench/geglu.py, every tile config too), then a rollout
 #                                      # compiled without and with it
@@ -35,11 +39,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|profile576|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|profile576|zero_step|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|profile576|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
-    *) echo "unknown part $part; allowed: train, profile576, sample, geglu, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
+    train|profile576|zero_step|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
+    *) echo "unknown part $part; allowed: train, profile576, zero_step, sample, geglu, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
        exit 2 ;;
   esac
 done
@@ -74,6 +78,15 @@ for PART in "$@"; do
       timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase2_stage1.yaml --height 320 \
         --width 576 --checkpointing auto --batch 4 --steps 6 --warmup 2 $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/train.jsonl" ;;
+    zero_step)
+      for stock in --deepspeed-stock ""; do
+        timeout -k 15 "$(cap 110)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+          --width 1024 --checkpointing auto --steps 4 --warmup 2 $stock model.params.compile_model=False \
+          2>>"$OUT/$PART.log" | tee -a "$OUT/zero_step.jsonl"
+      done
+      timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+        --width 1024 --checkpointing auto --steps 5 --warmup 3 $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/zero_step.jsonl" ;;
     sample)
       timeout -k 15 "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;

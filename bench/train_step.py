@@ -99,6 +99,86 @@ class StepTimer(pl.Callback):
             self._prof = None
 
 
+class RegionTimer(pl.Callback):
+    """Where each step's time goes on the GPU's timeline: a CUDA event (a clock reading on the CPU) at the edges of
+    the conditioner, the online VAE encode, the UNet's forward, the backward, the optimizer's hooks, DeepSpeed's
+    step and the EMA, inside the real Lightning + DeepSpeed step. Each segment between two consecutive marks is
+    named after them ("encode" for encode> .. <encode, "<encode .. unet>" for the loss code between the two); the
+    medians over the timed steps add up to the step. A segment holds the GPU work queued in it, plus any time the
+    GPU waited for the host there."""
+
+    def __init__(self, skip: int):
+        self.skip, self.steps, self._marks = skip, [], None
+        self._cuda = torch.cuda.is_available()
+
+    def mark(self, name: str) -> None:
+        if self._marks is None:
+            return
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((name, event))
+        else:
+            self._marks.append((name, time.perf_counter()))
+
+    def _wrap(self, owner, attr: str, name: str) -> None:
+        inner = getattr(owner, attr)
+
+        def wrapped(*args, **kwargs):
+            self.mark(name + ">")
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.mark("<" + name)
+
+        setattr(owner, attr, wrapped)
+
+    def _hooks(self, module: torch.nn.Module, name: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self.mark(name + ">"))
+        module.register_forward_hook(lambda *_: self.mark("<" + name))
+
+    def on_train_start(self, trainer, pl_module):
+        self._wrap(pl_module, "encode_first_stage", "encode")
+        self._hooks(pl_module.conditioner, "conditioner")
+        self._hooks(pl_module.model, "unet_forward")
+        if getattr(pl_module, "use_ema", False):
+            self._hooks(pl_module.model_ema, "ema")
+        if hasattr(trainer.model, "step") and hasattr(trainer.model, "zero_optimization"):  # DeepSpeed's engine
+            self._wrap(trainer.model, "step", "deepspeed_step")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._marks = []
+        self.mark("step>")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.mark("backward>")
+
+    def on_after_backward(self, trainer, pl_module):
+        self.mark("<backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.mark("grads_ready")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.mark("<step")
+        if self._cuda:
+            torch.cuda.synchronize()
+        marks, self._marks = self._marks, None
+        segments: dict[str, float] = {}
+        for (a, ta), (b, tb) in zip(marks, marks[1:]):
+            ms = ta.elapsed_time(tb) if self._cuda else (tb - ta) * 1e3
+            name = a[:-1] if a.endswith(">") and b == "<" + a[:-1] else f"{a} .. {b}"
+            segments[name] = segments.get(name, 0.0) + ms
+        self.steps.append(segments)
+
+    def summary(self) -> dict[str, float]:
+        """Median milliseconds per segment over the steps after `skip`, in the order of the last step."""
+        steps = self.steps[self.skip:]
+        if not steps:
+            return {}
+        return {name: round(statistics.median(s.get(name, 0.0) for s in steps), 2) for name in steps[-1]}
+
+
 KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of CUDA kernel names
     ("compiled", ("triton_",)),  # Inductor's fused kernels (compile_model)
     ("attention", ("flash", "fmha", "attention", "attn")),
@@ -188,6 +268,15 @@ class HostProfile(pl.Callback):
             f.write(out.getvalue())
 
 
+def adam_form(trainer: pl.Trainer) -> str | None:
+    """"fused", "foreach" or "default" (torch picks): the implementation the run's torch optimizer was built with."""
+    if not trainer.optimizers:
+        return None
+    opt = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])  # inside DeepSpeed's ZeRO wrapper
+    defaults = getattr(opt, "defaults", {})
+    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "default"
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -217,10 +306,17 @@ def main() -> None:
                    help="keep the zero-initialised layers at zero (as a model trained from scratch starts); by "
                         "default they get random values, as in fine-tuning a pretrained model, so every trainable "
                         "weight gets a gradient from the first step (and compile_model's gradient check can tell)")
+    p.add_argument("--deepspeed-stock", action="store_true",
+                   help="A/B: DeepSpeed's own optimizer step as vwm ran it until 2026-12-07 (its bf16 overflow check, "
+                        "its per-tensor gradient norm) and torch's default (foreach) AdamW, instead of vwm's "
+                        "(vwm/training/zero_step.py, fused AdamW on CUDA)")
     p.add_argument("overrides", nargs="*", help="a.b=c config overrides")
     args = p.parse_args()
 
     overrides = list(args.overrides)
+    if args.deepspeed_stock:
+        overrides += ["model.params.optimizer_config.target=torch.optim.AdamW",  # Vista's (and vwm's default)
+                      "model.params.optimizer_config.params.foreach=True"]
     if args.checkpointing != "config":
         value = "auto" if args.checkpointing == "auto" else args.checkpointing == "on"
         overrides.append(f"model.params.network_config.params.use_checkpoint={value}")
@@ -250,17 +346,24 @@ def main() -> None:
                                  device=torch.device("cuda") if args.accelerator == "gpu" else None)
     model.learning_rate = float(cfg.model.get("base_learning_rate", 1e-5))
     lightning = to_container(cfg.get("lightning")) or {}
+    if args.deepspeed_stock:
+        import vwm.training.strategy as strategy_module
+
+        strategy_module.speed_up_zero_optimizer = lambda optimizer: False
     strategy = build_strategy(args.strategy, lightning)
+    if args.deepspeed_stock and hasattr(strategy, "config") and args.precision.startswith("bf16"):
+        strategy.config["bf16"] = {"enabled": True, "check_grad_overflow": True}  # DeepSpeed's default
     if hasattr(strategy, "config"):
         strategy.config["train_micro_batch_size_per_gpu"] = args.batch
     timer = StepTimer(args.warmup - 1 if args.profile else None, args.profile)  # the last warm-up step
+    regions = RegionTimer(args.warmup)
     benchmark = bool((lightning.get("trainer") or {}).get("benchmark", False)) if args.benchmark == "config" else (
         args.benchmark == "on")
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, strategy=strategy, precision=args.precision,
         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer] + ([HostProfile(args.warmup, args.host_profile)] if args.host_profile else []),
+        callbacks=[timer, regions] + ([HostProfile(args.warmup, args.host_profile)] if args.host_profile else []),
         gradient_clip_val=0.3, benchmark=benchmark,
     )
     data = DataLoader(SyntheticClips(frames, args.height, args.width, args.latents, 10_000), batch_size=args.batch,
@@ -288,6 +391,11 @@ def main() -> None:
         "compile": bool(cfg.model.params.get("compile_model", False)),
         "zero_init": args.zero_init,
         "compile_check": model.compiled_check,  # compiled layers: their gradients against eager ones
+        "deepspeed_step": "stock" if args.deepspeed_stock else "vwm",
+        "bf16_check_grad_overflow": ((getattr(strategy, "config", None) or {}).get("bf16") or {}).get(
+            "check_grad_overflow"),
+        "adam_form": adam_form(trainer),
+        "regions_ms": regions.summary(),  # median GPU-timeline milliseconds per region of a timed step
         "warmup_steps_s": [round(t, 1) for t in timer.times[:args.warmup]],  # the first includes compilation
         "steps_timed": len(times), "steps_total": len(timer.losses),
         "losses_finite": all(math.isfinite(v) for v in timer.losses),

@@ -26,6 +26,34 @@ def test_train_step_bench_times_real_steps_and_profiles_the_host(tmp_path):
     assert 0 < row["step_s_min"] <= row["step_s_median"] <= row["step_s_max"]
     assert row["resolution"] == "5x64x64" and row["compile"] is False and row["zero_init"] is False
     assert "run_backward" in host.read_text()  # the profile covers the timed steps' backward passes
+    regions = row["regions_ms"]  # the step's regions, timed inside the real Lightning step
+    assert {"conditioner", "encode", "unet_forward", "backward", "ema"} <= set(regions)
+    assert all(v >= 0 for v in regions.values()) and regions["backward"] > 0 and regions["unet_forward"] > 0
+    # two timed steps: the medians are means, so the regions add up to the mean step (less the timer's own edges)
+    assert 0.7 * row["step_s_median"] * 1e3 <= sum(regions.values()) <= 1.02 * row["step_s_median"] * 1e3
+
+
+@pytest.mark.slow
+def test_train_step_bench_ab_of_deepspeeds_stock_step_under_zero2_bf16(tmp_path):
+    """`--deepspeed-stock` (bench/gpu_measure.sh zero_step) runs DeepSpeed's own bf16 step (overflow check on,
+    foreach AdamW) on the same real ZeRO-2 path; without it vwm's step runs, and both time the DeepSpeed step."""
+    rows = {}
+    for stock in (True, False):
+        cmd = [sys.executable, os.path.join(REPO, "bench", "train_step.py"), "--config",
+               os.path.join(REPO, "configs", "tiny", "train.yaml"), "--accelerator", "cpu", "--strategy",
+               "deepspeed_stage_2", "--precision", "bf16-mixed", "--height", "64", "--width", "64", "--warmup", "1",
+               "--steps", "1", *(["--deepspeed-stock"] if stock else [])]
+        out = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        row = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+        assert row["losses_finite"] and row["regions_ms"]["deepspeed_step"] > 0
+        rows[stock] = row
+    assert (rows[True]["deepspeed_step"], rows[True]["bf16_check_grad_overflow"], rows[True]["adam_form"]) == (
+        "stock", True, "foreach")
+    # vwm's: DeepSpeed's check off (vwm's guard checks); AdamW fused on CUDA only, torch's default on this CPU
+    assert (rows[False]["deepspeed_step"], rows[False]["bf16_check_grad_overflow"], rows[False]["adam_form"]) == (
+        "vwm", False, "default")
 
 
 def test_regions_bench_times_every_region_on_the_tiny_model(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from helpers import build_tiny, make_batch
 
 from vwm.models.ema import LitEma
-from vwm.models.engine import step_seed
+from vwm.models.engine import optimizer_params, step_seed
 from vwm.training.lr import LambdaLinearScheduler
 
 
@@ -42,6 +42,100 @@ def test_ema_warmup_decay_and_fp32_shadows_survive_half_casts():
     fresh = LitEma(net, decay=0.9)
     fresh.load_state_dict(state)
     assert fresh.current_decay() == pytest.approx(min(0.9, 3 / 12))
+
+
+def test_ema_of_bf16_weights_matches_the_reference_update_across_chunk_edges(monkeypatch):
+    """DeepSpeed's bf16 modules: the shadows (fp32) follow shadow - (1 - d)(shadow - w.float()), the reference's
+    update (to fp32 rounding), whichever chunk of the multi-tensor cast a weight falls in (a 1-element weight
+    included)."""
+    import vwm.models.ema as ema_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Linear(3, 1))
+    net[2].bias.requires_grad_(False)  # not tracked
+    ema = LitEma(net, decay=0.999)
+    monkeypatch.setattr(ema_module, "_CHUNK_ELEMENTS", 20)  # chunks close inside and exactly at tensor edges
+    net.to(torch.bfloat16)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert ema.param_names == names and all(s.dtype == torch.float32 for s in ema.shadows())
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        decay = ema.current_decay()
+        expected = [s - (1 - decay) * (s - dict(net.named_parameters())[n].float())
+                    for s, n in zip([s.clone() for s in ema.shadows()], names)]
+        ema(net)
+        for got, want in zip(ema.shadows(), expected):
+            torch.testing.assert_close(got, want, rtol=3e-7, atol=1e-7)
+    mixed = torch.nn.Linear(4, 4)
+    ema32 = LitEma(mixed, decay=0.5)
+    mixed.weight.data = mixed.weight.data.to(torch.bfloat16)  # one weight half precision, the bias fp32
+    with torch.no_grad():
+        mixed.bias.add_(1.0)
+    before = [s.clone() for s in ema32.shadows()]
+    ema32(mixed)
+    torch.testing.assert_close(ema32.shadows()[1], before[1] + (1 - 2 / 11) * 1.0)  # decay min(0.5, 2/11)
+    torch.testing.assert_close(ema32.shadows()[0], before[0] + (1 - 2 / 11) * (mixed.weight.float() - before[0]))
+
+
+def test_the_guards_gradient_norm_is_exact_in_fp32_for_bf16_gradients():
+    """check_update's global norm sums fp32 per-tensor norms of bf16 gradients (DeepSpeed's partitions or .grad),
+    not norms rounded to bf16 first (0.4 % off at most, which a logged grad_norm would carry)."""
+    from vwm.training.guards import local_grad_square_norm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*(torch.nn.Linear(33, 33) for _ in range(8))).to(torch.bfloat16)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p) * 3
+    exact = sum(float(p.grad.double().square().sum()) for p in net.parameters())
+    square, replicated = local_grad_square_norm(torch.optim.SGD(net.parameters(), lr=0.1), net)
+    assert replicated and square.dtype == torch.float32
+    assert abs(float(square) - exact) <= 1e-5 * exact
+
+    class Zero:  # DeepSpeed ZeRO-1/2: this rank's reduced partitions, by group
+        averaged_gradients = {0: [p.grad for p in list(net.parameters())[:5]], 1: None}
+
+    part = sum(float(p.grad.double().square().sum()) for p in list(net.parameters())[:5])
+    square, replicated = local_grad_square_norm(Zero(), net)
+    assert not replicated and abs(float(square) - part) <= 1e-5 * part
+
+
+def test_adam_runs_fused_on_cuda_unless_the_config_picks_an_implementation():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    adamw = {"target": "torch.optim.AdamW", "params": {"betas": [0.9, 0.99]}}
+    assert optimizer_params(adamw, cuda) == {"betas": [0.9, 0.99], "fused": True}
+    assert optimizer_params(adamw, cpu) == {"betas": [0.9, 0.99]}  # CPU runs keep torch's default
+    assert optimizer_params({"target": "torch.optim.Adam"}, cuda) == {"fused": True}
+    for chosen in ({"foreach": True}, {"fused": False}):
+        assert optimizer_params({"target": "torch.optim.AdamW", "params": chosen}, cuda) == chosen
+    assert optimizer_params({"target": "torch.optim.SGD", "params": {"lr": 0.1}}, cuda) == {"lr": 0.1}
+    assert adamw["params"] == {"betas": [0.9, 0.99]}  # the config node is left as it was
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_default_form():
+    """What `fused=True` changes is the kernel, not the update: three steps of torch's fused AdamW (CPU here) against
+    its default multi-tensor form from the same weights and gradients, with weight decay, as vwm configures it."""
+    from vwm.config import instantiate
+
+    torch.manual_seed(0)
+    shapes = [(33, 17), (17,), (1,), (5, 5, 3)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    results = []
+    for params_cfg in (optimizer_params({"target": "torch.optim.AdamW"}, torch.device("cuda")), {}):
+        weights = [torch.nn.Parameter(w.clone()) for w in start]
+        node = {"target": "torch.optim.AdamW", "params": {**params_cfg, "weight_decay": 0.01}}
+        opt = instantiate(node, "model.params.optimizer_config", params=weights, lr=1e-3)
+        assert opt.defaults["fused"] is (True if params_cfg else None)
+        for step in grads:
+            for w, g in zip(weights, step):
+                w.grad = g.clone()
+            opt.step()
+        results.append([w.detach() for w in weights])
+    assert all(not torch.equal(w, w0) for w, w0 in zip(results[0], start))  # the steps moved every weight
+    for fused, default in zip(*results):
+        torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
 
 
 def test_step_seeds_differ_by_rank_and_step_and_are_stable():

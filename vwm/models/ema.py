@@ -2,8 +2,8 @@
 
 Shadows are fp32 buffers named like the reference's `LitEma` (`model_ema.diffusion_modelinput_blocks11...`: the
 parameter name with its dots removed), so EMA weights in reference checkpoints and in ours are interchangeable.
-The update is one fused `foreach` lerp per optimizer step; DeepSpeed's module-wide dtype casts leave the shadows
-in fp32 (see `_apply`).
+The update is a few multi-tensor (`foreach`) kernels per optimizer step, half-precision weights cast a chunk at a
+time; DeepSpeed's module-wide dtype casts leave the shadows in fp32 (see `_apply`).
 """
 
 from __future__ import annotations
@@ -81,13 +81,24 @@ class LitEma(nn.Module):
             self._updates += 1
             self.num_updates.fill_(self._updates)
         params = dict(model.named_parameters())
-        shadows, weights = self.shadows(), [params[n].detach() for n in self.param_names]
-        same = [(s, w) for s, w in zip(shadows, weights) if w.dtype == s.dtype]
-        if same:
-            torch._foreach_lerp_([s for s, _ in same], [w for _, w in same], 1.0 - decay)
-        cast = [(s, w) for s, w in zip(shadows, weights) if w.dtype != s.dtype]
-        for chunk in _chunks(cast):
-            torch._foreach_lerp_([s for s, _ in chunk], [w.float() for _, w in chunk], 1.0 - decay)
+        same: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        cast: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for shadow, name in zip(self.shadows(), self.param_names):
+            weight = params[name]
+            pick = same if weight.dtype == shadow.dtype else cast
+            pick[0].append(shadow)
+            pick[1].append(weight)
+        if same[0]:
+            torch._foreach_lerp_(same[0], same[1], 1.0 - decay)
+        # Half-precision weights (DeepSpeed's bf16 modules): cast a chunk at a time into one fp32 scratch buffer with
+        # a multi-tensor copy, then lerp. Per-tensor `.float()` calls cost 54 ms of host time per update at 1.48 B
+        # weights on an H100 (2026-12-07), where the GPU work is ~10 ms. The arithmetic is the same: an exact cast.
+        for shadows, weights in _chunks(*cast):
+            sizes = [w.numel() for w in weights]
+            scratch = torch.empty(sum(sizes), dtype=torch.float32, device=weights[0].device)
+            views = [v.view(w.shape) for v, w in zip(scratch.split(sizes), weights)]
+            torch._foreach_copy_(views, weights)
+            torch._foreach_lerp_(shadows, views, 1.0 - decay)
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:
@@ -117,13 +128,14 @@ class LitEma(nn.Module):
                     params[name].copy_(value)
 
 
-def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    chunk, size = [], 0
-    for pair in pairs:
-        chunk.append(pair)
-        size += pair[1].numel()
+def _chunks(shadows: list[torch.Tensor], weights: list[torch.Tensor]
+            ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(shadows, weights) in runs of at least `_CHUNK_ELEMENTS` weight elements (the last run may be shorter)."""
+    start, size = 0, 0
+    for i, weight in enumerate(weights):
+        size += weight.numel()
         if size >= _CHUNK_ELEMENTS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+            yield shadows[start:i + 1], weights[start:i + 1]
+            start, size = i + 1, 0
+    if start < len(weights):
+        yield shadows[start:], weights[start:]

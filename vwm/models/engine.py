@@ -34,6 +34,22 @@ ADAPTER_TAG = "adapter"
 """Parameters whose name contains this are the phase-2 adapters (LoRA and action control)."""
 
 
+FUSABLE_OPTIMIZERS = ("torch.optim.AdamW", "torch.optim.Adam")
+"""Optimizer targets whose `fused=True` form (one CUDA kernel for the whole update) vwm chooses on GPUs."""
+
+
+def optimizer_params(node: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The optimizer's keyword arguments from its config node. On CUDA, torch's Adam/AdamW run fused unless the
+    config chooses an implementation (`fused` or `foreach`): the same update in one kernel per tensor list instead
+    of about ten passes over the fp32 master weights and moments (94 ms of a 576x1024 phase-1 step on an H100 with
+    the foreach form, 2026-12-07; the fused AdamW over the same 1.48 B weights: 24 ms)."""
+    params = dict(node.get("params") or {})
+    if (node.get("target") in FUSABLE_OPTIMIZERS and device.type == "cuda"
+            and "fused" not in params and "foreach" not in params):
+        params["fused"] = True
+    return params
+
+
 def step_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed mixing the run seed with integer keys (rank, step, ...) through numpy's SeedSequence."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, *[k & 0xFFFFFFFF for k in keys]]).generate_state(2)
@@ -173,7 +189,7 @@ class DiffusionEngine(pl.LightningModule):
         if not groups:
             raise ValueError("no trainable parameters: check train_peft_adapters / add_lora / action_control")
         node = dict(self.optimizer_config)
-        node["params"] = dict(node.get("params") or {})
+        node["params"] = optimizer_params(node, self.device)
         opt = instantiate(node, "model.params.optimizer_config", params=groups, lr=self.learning_rate)
         if self.scheduler_config is None:
             return opt
