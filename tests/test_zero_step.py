@@ -87,3 +87,22 @@ def test_the_norm_is_only_installed_on_deepspeeds_zero_optimizer():
 
     plain = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     assert speed_up_zero_optimizer(plain) is False and not hasattr(plain, "get_grad_norm_direct")
+
+
+def test_an_older_deepspeed_is_named_with_the_version_vwm_needs(monkeypatch):
+    """DeepSpeed before 0.19.7 rejects ZeRO's parameter_alignment with a pydantic 'Extra inputs are not permitted';
+    vwm names the installed and the needed version instead, and the requirement files state the same floor."""
+    import importlib.metadata
+    import re
+
+    import pytest
+    from vwm.training.strategy import MIN_DEEPSPEED, build_strategy
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.18.0" if name == "deepspeed" else real(name))
+    with pytest.raises(RuntimeError, match=r"deepspeed 0\.18\.0 is installed; .* need deepspeed >= 0\.19\.7"):
+        build_strategy("deepspeed_stage_2", {})
+    assert build_strategy("ddp", {}) is not None  # other strategies do not need it
+    for name in ("requirements.txt", "pyproject.toml"):
+        with open(f"{REPO}/{name}") as f:
+            assert re.findall(r"deepspeed>=([\d.]+)", f.read()) == [MIN_DEEPSPEED], name

@@ -139,6 +139,25 @@ def _scalar_params_as_vectors(model: torch.nn.Module) -> Iterator[None]:
             p.data = p.data.reshape(())
 
 
+MIN_DEEPSPEED = "0.19.7"
+"""The first DeepSpeed with ZeRO's `parameter_alignment` (DEEPSPEED_DEFAULTS); older ones reject the setting."""
+
+
+def _require_deepspeed(minimum: str) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        installed = version("deepspeed")
+    except PackageNotFoundError:
+        raise RuntimeError(f"the DeepSpeed strategies need deepspeed >= {minimum}, which is not installed: "
+                           f"pip install -c constraints.txt 'deepspeed>={minimum}' (or strategy ddp)") from None
+    if Version(installed) < Version(minimum):
+        raise RuntimeError(f"deepspeed {installed} is installed; vwm's ZeRO settings need deepspeed >= {minimum} "
+                           f"(parameter_alignment): pip install -c constraints.txt 'deepspeed>={minimum}'")
+
+
 def build_strategy(name: str | None, lightning_cfg: Mapping[str, Any], timeout_s: float = 1800.0) -> Strategy | str:
     """The Lightning strategy named in the config (`deepspeed_stage_{1,2}`, `ddp`, `auto`), configured from YAML."""
     name = name or "auto"
@@ -147,6 +166,7 @@ def build_strategy(name: str | None, lightning_cfg: Mapping[str, Any], timeout_s
         stage = zero_stage(name)
         if stage not in (1, 2):
             raise ValueError(f"strategy={name!r}: vwm supports ZeRO stages 1 and 2 (optimizer/gradient sharding)")
+        _require_deepspeed(MIN_DEEPSPEED)
         zero = {**DEEPSPEED_DEFAULTS, **dict(lightning_cfg.get("deepspeed") or {})}
         config = {
             "zero_allow_untested_optimizer": True,

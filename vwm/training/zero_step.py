@@ -36,7 +36,12 @@ def foreach_grad_norm(self: Any, gradients: list[torch.Tensor], params: list[tor
     from deepspeed import comm as dist
     from deepspeed.runtime.constants import PIPE_REPLICATED
     from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
-    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    try:  # DeepSpeed >= 0.19: fp64 where the device has it; before, always fp64 (`g.double()`)
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+    except ImportError:
+        def get_norm_dtype() -> torch.dtype:
+            return torch.float64
 
     original = getattr(self, _PATCHED)
     if float(norm_type) != 2.0 or self.model_parallel_rank != 0:
