@@ -7,7 +7,7 @@ tensors one by one, while the GPU waited:
 - the bf16 overflow check (`bf16.check_grad_overflow`, on by default): six small kernels per tensor and a host
   synchronisation, 286 ms per step. vwm checks the same thing already, once per update, before DeepSpeed's step:
   `vwm.training.guards.check_update` refuses a non-finite global gradient norm on every rank before any update is
-  applied (and names the step). So vwm's strategy turns DeepSpeed's check off unless the config sets it;
+  applied (and names the step). So vwm's strategy turns DeepSpeed's check off (`VWMDeepSpeedStrategy`);
 - the gradient norm for clipping: per tensor an fp64 copy of the gradient, then its norm. `foreach_grad_norm`
   computes the same norm (fp64 per-tensor norms, summed in the same order, the same all-reduces) with torch's
   multi-tensor kernels, without the copies.
@@ -17,13 +17,10 @@ Both keep the update DeepSpeed computes; tests/test_zero_step.py checks them on 
 
 from __future__ import annotations
 
-import logging
 import types
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
 
 _PATCHED = "_vwm_foreach_grad_norm"
 
