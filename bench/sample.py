@@ -75,7 +75,7 @@ def randomize_zero_weights(module: torch.nn.Module, seed: int = 0) -> int:
 
 def placement_compiles(mode: str) -> bool:
     """Whether a mode compiles the UNet's layers (low_vram does: `sample.py --low_vram` compiles on CUDA)."""
-    return mode in ("compiled", "fused", "fp8", "low_vram")
+    return mode in ("compiled", "fused", "fused_gn", "fp8", "low_vram")
 
 
 def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
@@ -92,7 +92,8 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
     placement = ro.Placement(model, device, low_vram=low_vram, compile_unet=placement_compiles(mode),
                              fp8=mode == "fp8", unet_dtype=torch.bfloat16 if mode == "fp8" else None,
                              inductor_options=args.options,
-                             fused_geglu={"compiled": False, "fused": True}.get(mode))  # others: the default
+                             fused_geglu={"compiled": False, "fused": True}.get(mode),  # others: the default
+                             fused_groupnorm={"compiled": False, "fused_gn": True}.get(mode))
     frames = _start_frame(args.height, args.width)
     actions = [action_batch([normalise_actions({"trajectory": [2, 0, 4, 0, 6, 0.1, 8, 0.2]})])]
     settings = ro.RolloutSettings(n_steps=args.warmup_steps, cfg_scale=args.cfg_scale, sampler=args.sampler)
@@ -119,7 +120,7 @@ def bench_mode(cfg, device: torch.device, mode: str, args: argparse.Namespace,
         "finite": bool(torch.isfinite(result.video).all()), "torch": torch.__version__,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "inductor_options": args.options if placement_compiles(mode) else None,
-        "fused_geglu": placement.fused_geglu,
+        "fused_geglu": placement.fused_geglu, "fused_groupnorm": placement.fused_groupnorm,
     }
     if args.decode_bf16:  # the same latents decoded again with the VAE decoder in bf16 (Placement(decode_dtype=))
         chunk = placement.decode_chunk(settings) or result.latents.shape[1]
@@ -158,11 +159,13 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--cfg_scale", type=float, default=2.5)
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
-    parser.add_argument("--modes", nargs="+", choices=["normal", "compiled", "fused", "fp8", "low_vram"],
+    parser.add_argument("--modes", nargs="+",
+                        choices=["normal", "compiled", "fused", "fused_gn", "fp8", "low_vram"],
                         default=["normal", "compiled", "low_vram"],
                         help="normal: eager, all on the GPU; compiled: normal with the UNet layers compiled "
                              "(warmup_s includes the compilation); fused: compiled with the feed-forward GEGLU as one "
-                             "kernel (vwm.models.fused_geglu); fp8: compiled with FP8 linear layers "
+                             "kernel (vwm.models.fused_geglu); fused_gn: compiled with the GroupNorms (+ SiLU) "
+                             "as Triton kernels (vwm.models.fused_groupnorm); fp8: compiled with FP8 linear layers "
                              "(sample.py --fp8); low_vram: one module on the GPU at a time, compiled as "
                              "sample.py --low_vram compiles on CUDA. Every mode after "
                              "the first reports its PSNR against the first mode's rollout")

@@ -130,6 +130,18 @@ def test_compile_model_arms_the_check_and_the_switch_disarms_it():
     assert not build_tiny()._compiled_check_pending
 
 
+def test_compile_model_compiles_both_vae_encoders():
+    """The clip's VAE encoder and the conditioner's (the condition frame's, every step) are both compiled; without
+    compile_model neither is."""
+    def encoders(model):
+        conditioner = [e.encoder for e in model.conditioner.embedders if hasattr(e, "encoder")]
+        assert conditioner, "the tiny config has a conditioner VAE"
+        return [model.first_stage_model, *conditioner]
+
+    assert all(m._encode_frames is not None for m in encoders(build_tiny("model.params.compile_model=True")))
+    assert all(m._encode_frames is None for m in encoders(build_tiny()))
+
+
 def test_compiled_layers_build_forward_and_backward_with_vwms_inductor_options():
     """vwm's Inductor options (video_unet.INDUCTOR_OPTIONS: padding and mix-order reduction off, what gave right
     gradients on an H100) reach the forward and, compiled later and out of that scope, the backward graphs;

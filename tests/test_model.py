@@ -325,7 +325,10 @@ def test_compiled_layers_match_eager_with_and_without_checkpointing():
         model.load_state_dict(eager.state_dict())
         model.unet.set_gradient_checkpointing(ckpt)
         model.unet.compile_layers(checkpoint_in_graph=in_graph)
-        model.first_stage_model.compile_encoder()  # what compile_model also does to the VAE encoder
+        model.first_stage_model.compile_encoder()  # what compile_model also does to the VAE encoders
+        for embedder in model.conditioner.embedders:
+            if hasattr(getattr(embedder, "encoder", None), "compile_encoder"):
+                embedder.encoder.compile_encoder()
         assert set(model.state_dict()) == keys
         layers = [m for m in model.unet.modules() if getattr(m, "compiled_run", None) is not None]
         assert layers, "no layer was compiled"

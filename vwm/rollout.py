@@ -35,7 +35,8 @@ from vwm.diffusion.sampler import EulerEDMSampler, Guider, HeunEDMSampler
 from vwm.models.engine import DiffusionEngine, step_seed
 from vwm.models.fp8 import convert_to_fp8
 from vwm.models.fused_geglu import available as fused_geglu_available
-from vwm.models.layers import use_fused_geglu
+from vwm.models.fused_groupnorm import available as fused_groupnorm_available
+from vwm.models.layers import use_fused_geglu, use_fused_groupnorm
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +171,14 @@ class Placement:
     decoder when `decode_dtype` is given (bf16: within bf16 rounding of the fp32 frames, 58 dB PSNR, and 1.75 ->
     0.96 s for a 25x576x1024 clip on an H100, docs/performance.md). `fused_geglu` runs the feed-forward GEGLUs as
     one Triton kernel each (`vwm.models.fused_geglu`; None: where it can run), an option for now: it measured
-    slower than the plain compiled path.
+    slower than the plain compiled path. `fused_groupnorm` runs the UNet's and the VAE's GroupNorms, with the SiLU
+    after them, as `vwm.models.fused_groupnorm`'s Triton kernels (None: where they can run).
     """
 
     def __init__(self, model: DiffusionEngine, device: torch.device | str, low_vram: bool = False,
                  unet_dtype: torch.dtype | None = None, compile_unet: bool = False, fp8: bool = False,
                  decode_dtype: torch.dtype | None = None, inductor_options: dict | None = None,
-                 fused_geglu: bool | None = False):
+                 fused_geglu: bool | None = False, fused_groupnorm: bool | None = False):
         self.model = model
         self.device = torch.device(device)
         self.low_vram = low_vram
@@ -202,6 +204,11 @@ class Placement:
                            and fused_geglu_available())
         self.fused_geglu = bool(fused_geglu)
         use_fused_geglu(model.unet, self.fused_geglu)
+        if fused_groupnorm is None:
+            fused_groupnorm = self.device.type == "cuda" and fused_groupnorm_available()
+        self.fused_groupnorm = bool(fused_groupnorm)
+        use_fused_groupnorm(model.unet, self.fused_groupnorm)
+        use_fused_groupnorm(model.first_stage_model, self.fused_groupnorm)
         if compile_unet and not any(getattr(m, "compiled_run", None) for m in model.unet.modules()):
             # Regional compilation (one graph per layer shape, compiled at the first round): the sampler calls
             # the UNet with the same shapes every step, so the cost is paid once per rollout shape.

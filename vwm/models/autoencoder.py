@@ -166,9 +166,17 @@ class AutoencoderKLModeOnly(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
 
+    _encode_frames = None  # the torch.compile'd encoder forward, set by compile_encoder
+
+    def compile_encoder(self) -> None:
+        """torch.compile the encoder's forward (the condition frame's encode in every training step; eager, its
+        GroupNorms over one frame run on few thread blocks). The state dict is unchanged."""
+        self._encode_frames = torch.compile(self.encoder.forward, dynamic=False)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Frames (N, 3, H, W) in [-1, 1] -> posterior mode (N, embed_dim, H/8, W/8), unscaled."""
-        return self.regularization(self.quant_conv(self.encoder(x)))
+        encoder = self.encoder if self._encode_frames is None else self._encode_frames
+        return self.regularization(self.quant_conv(encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (N, embed_dim, h, w) -> frames (N, out_ch, H, W)."""

@@ -123,8 +123,12 @@ class DiffusionEngine(pl.LightningModule):
         self.compiled_gradient_tolerance = compiled_gradient_tolerance
 
         self.first_stage_model.eval().requires_grad_(False)
-        if compile_model and hasattr(self.first_stage_model, "compile_encoder"):
-            self.first_stage_model.compile_encoder()
+        if compile_model:
+            # the clip's VAE and the conditioner's own (the condition frame's latent), each frozen
+            embedders = getattr(self.conditioner, "embedders", ())
+            for module in (self.first_stage_model, *(getattr(e, "encoder", None) for e in embedders)):
+                if hasattr(module, "compile_encoder"):
+                    module.compile_encoder()
         self.freeze_untrained()
         self.use_ema = use_ema
         self.ema_decay_rate = ema_decay_rate

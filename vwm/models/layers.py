@@ -9,17 +9,70 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` that can take `vwm.models.fused_groupnorm`'s Triton kernels and fold in the SiLU after it.
+
+    `fused` (set by `use_fused_groupnorm`): take the kernels whenever they support the call (CUDA, no gradient);
+    the plain path otherwise. `silu` (set by `use_fused_groupnorm` where the next module is an `nn.SiLU`, which it
+    replaces by an identity): apply SiLU to the output, on either path. With both off this is `nn.GroupNorm`.
+    """
+
+    fused = False
+    silu = False
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from vwm.models import fused_groupnorm
+
+            if fused_groupnorm.supported(x, self.num_groups, self.weight):
+                return fused_groupnorm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+        y = self.plain(x)
+        return F.silu(y) if self.silu else y
+
+
+class GroupNorm32(GroupNorm):
     """GroupNorm computed on an fp32 copy of the activation, output in the input dtype (SVD's GroupNorm32).
 
     Measured on an H100 (phase 2 at 320x576, bench/train_step.py): faster than passing bf16 activations to
     PyTorch's native kernel directly (0.94 s vs 1.08 s per training step).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+class FoldedSiLU(nn.Identity):
+    """Stands where an `nn.SiLU` was after a `GroupNorm` that now applies the SiLU itself (`use_fused_groupnorm`)."""
+
+
+def use_fused_groupnorm(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every `GroupNorm` of `model` to the fused kernels (or back) and fold each `nn.SiLU` that directly
+    follows one in an `nn.Sequential` into it (or restore it); returns how many norms there are. Norms whose
+    module applies SiLU in code declare it through a `silu_norms` attribute (the VAE's blocks). Parameter names
+    and the state dict are unchanged: the SiLU has none."""
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    for norm in norms:
+        norm.fused = enabled
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], GroupNorm) and isinstance(module[i + 1], (nn.SiLU, FoldedSiLU)):
+                    module[i].silu = enabled
+                    module[i + 1] = FoldedSiLU() if enabled else nn.SiLU()
+        for name in getattr(module, "silu_norms", ()):
+            getattr(module, name).silu = enabled
+    return len(norms)
+
+
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(norm(x)), where the norm may already apply the SiLU (`GroupNorm.silu`)."""
+    y = norm(x)
+    return y if getattr(norm, "silu", False) else F.silu(y)
 
 
 class TemporalConv(nn.Conv3d):

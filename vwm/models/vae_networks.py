@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vwm.models.layers import GroupNorm32, temporal_conv
+from vwm.models.layers import GroupNorm, GroupNorm32, norm_silu, temporal_conv
 
 AttnType = Literal["vanilla", "vanilla-xformers", "none"]
 """Mid-block attention: "vanilla" and "vanilla-xformers" both mean single-head SDPA here; "none" skips it."""
@@ -26,12 +26,14 @@ TimeMode = Literal["conv-only"]
 _ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def _group_norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), with a 1x1 `nin_shortcut` when the width changes."""
+
+    silu_norms = ("norm1", "norm2")  # norms always followed by SiLU (`use_fused_groupnorm` folds it in)
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
@@ -44,8 +46,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -111,6 +113,8 @@ class DecoderUpsample(nn.Module):
 class Encoder(nn.Module):
     """KL-VAE encoder: image (N, in_channels, H, W) -> posterior moments (N, 2·z_channels, H/2^k, W/2^k)."""
 
+    silu_norms = ("norm_out",)  # followed by SiLU in forward (`use_fused_groupnorm` folds it in)
+
     def __init__(
         self,
         *,
@@ -164,7 +168,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -172,6 +176,8 @@ class Decoder(nn.Module):
 
     `forward` takes `timesteps` for one interface with `VideoDecoder`; the 2-D decoder ignores it.
     """
+
+    silu_norms = ("norm_out",)  # followed by SiLU in forward (`use_fused_groupnorm` folds it in)
 
     def __init__(
         self,
@@ -234,7 +240,7 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self._layer(self.conv_out, F.silu(self.norm_out(h)), timesteps)
+        return self._layer(self.conv_out, norm_silu(self.norm_out, h), timesteps)
 
 
 def _temporal_padding(kernel_size: int | Sequence[int]) -> int | list[int]:
