@@ -165,3 +165,16 @@ def test_a_compiled_res_block_with_the_fused_norms_matches_the_plain_one():
     x.requires_grad_(True)  # a gradient falls back to the plain path
     block(x, emb).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_the_engine_switch_reaches_both_frozen_vae_encoders_and_not_the_unet():
+    from helpers import build_tiny
+
+    model = build_tiny("model.params.fused_groupnorm=True")
+    encoders = [model.first_stage_model, *(e.encoder for e in model.conditioner.embedders if hasattr(e, "encoder"))]
+    assert len(encoders) == 2
+    for encoder in encoders:
+        norms = [m for m in encoder.modules() if isinstance(m, GroupNorm)]
+        assert norms and all(m.fused for m in norms)
+    assert not any(getattr(m, "fused", False) for m in model.unet.modules() if isinstance(m, GroupNorm))
+    assert not any(m.fused for m in build_tiny().modules() if isinstance(m, GroupNorm))

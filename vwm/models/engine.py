@@ -24,6 +24,7 @@ from vwm.defaults import NUM_FRAMES
 from vwm.diffusion.loss import DiffusionLossOutput
 from vwm.dtypes import module_dtype, outside_autocast
 from vwm.models.ema import LitEma
+from vwm.models.layers import use_fused_groupnorm
 from vwm.models.video_unet import UNetWrapper
 from vwm.training import compiled_check, step
 from vwm.training.guards import check_update
@@ -87,6 +88,7 @@ class DiffusionEngine(pl.LightningModule):
         verify_compiled_gradients: bool = True,
         compiled_gradient_tolerance: float = compiled_check.DEFAULT_TOLERANCE,
         compile_options: dict | None = None,
+        fused_groupnorm: bool = False,
     ):
         super().__init__()
         if slow_spatial_layers and train_peft_adapters:
@@ -123,12 +125,15 @@ class DiffusionEngine(pl.LightningModule):
         self.compiled_gradient_tolerance = compiled_gradient_tolerance
 
         self.first_stage_model.eval().requires_grad_(False)
-        if compile_model:
-            # the clip's VAE and the conditioner's own (the condition frame's latent), each frozen
-            embedders = getattr(self.conditioner, "embedders", ())
-            for module in (self.first_stage_model, *(getattr(e, "encoder", None) for e in embedders)):
-                if hasattr(module, "compile_encoder"):
-                    module.compile_encoder()
+        # the clip's VAE and the conditioner's own (the condition frame's latent), each frozen
+        embedders = getattr(self.conditioner, "embedders", ())
+        for module in (self.first_stage_model, *(getattr(e, "encoder", None) for e in embedders)):
+            if fused_groupnorm and isinstance(module, nn.Module):
+                # their GroupNorms (+ SiLU) as Triton kernels on CUDA (vwm.models.fused_groupnorm): no gradient
+                # is taken through a frozen encoder, so the forward-only kernels apply; elsewhere the plain norm
+                use_fused_groupnorm(module)
+            if compile_model and hasattr(module, "compile_encoder"):
+                module.compile_encoder()
         self.freeze_untrained()
         self.use_ema = use_ema
         self.ema_decay_rate = ema_decay_rate
