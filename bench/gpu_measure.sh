@@ -13,6 +13,12 @@
 #                                      # overflow check, per-tensor norm, foreach AdamW: --deepspeed-stock) against
 #                                      # vwm's (vwm/training/zero_step.py, fused AdamW), eager (quick), then vwm's
 #                                      # compiled; each line has the step's regions (regions_ms)
+#   bash bench/gpu_measure.sh groupnorm  # the fused GroupNorm (+ SiLU) kernels (vwm.models.fused_groupnorm) against
+#                                      # eager and Inductor at the UNet's and the VAE's shapes, the VAE's 512-wide
+#                                      # attention as SDPA against fp32-score matmuls (bench/groupnorm.py), the
+#                                      # kernels' GPU tests, then the eager 576x1024 phase-1 step with and without
+#                                      # model.params.fused_groupnorm (the frozen VAE encoders), then a compiled
+#                                      # rollout with them (bench/sample.py --modes fused_gn compiled)
 #   bash bench/gpu_measure.sh geglu    # the fused GEGLU kernel against the plain projection + gate at a sampling
 #                                      # step's shapes (bench/geglu.py, every tile config too), then a rollout
 #                                      # compiled without and with it
@@ -39,11 +45,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|profile576|zero_step|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash bench/gpu_measure.sh train|profile576|zero_step|groupnorm|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix [more parts]" >&2; exit 2; }
 for part in "$@"; do
   case $part in
-    train|profile576|zero_step|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
-    *) echo "unknown part $part; allowed: train, profile576, zero_step, sample, geglu, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
+    train|profile576|zero_step|groupnorm|sample|geglu|eval|compiled_train|unet_profile|compiled_grads|compile_fix) ;;
+    *) echo "unknown part $part; allowed: train, profile576, zero_step, groupnorm, sample, geglu, eval, compiled_train, unet_profile, compiled_grads, compile_fix" >&2
        exit 2 ;;
   esac
 done
@@ -87,6 +93,17 @@ for PART in "$@"; do
       timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
         --width 1024 --checkpointing auto --steps 5 --warmup 3 $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/zero_step.jsonl" ;;
+    groupnorm)
+      timeout -k 15 "$(cap 150)" "$PY" bench/groupnorm.py 2>>"$OUT/$PART.log" | tee -a "$OUT/groupnorm.jsonl"
+      timeout -k 15 "$(cap 120)" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_groupnorm.py \
+        2>&1 | tail -5 | tee -a "$OUT/$PART.log"
+      for fused in False True; do
+        timeout -k 15 "$(cap 110)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+          --width 1024 --checkpointing auto --steps 4 --warmup 2 model.params.compile_model=False \
+          model.params.fused_groupnorm=$fused 2>>"$OUT/$PART.log" | tee -a "$OUT/groupnorm_train.jsonl"
+      done
+      timeout -k 15 "$(left 560)" "$PY" bench/sample.py --modes fused_gn compiled --decode_bf16 2>>"$OUT/$PART.log" \
+        | tee -a "$OUT/sample.jsonl" ;;
     sample)
       timeout -k 15 "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;

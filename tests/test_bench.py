@@ -147,7 +147,8 @@ def test_gpu_measure_script_uses_only_flags_its_tools_accept():
         text = f.read().replace("\\\n", " ")
     calls = re.findall(r'"\$PY" (bench/\w+\.py)([^|]*?)2>>', text)
     assert {tool for tool, _ in calls} == {"bench/train_step.py", "bench/sample.py", "bench/geglu.py",
-                                          "bench/evaluate.py", "bench/regions.py", "bench/compiled_grads.py"}
+                                          "bench/evaluate.py", "bench/regions.py", "bench/compiled_grads.py",
+                                          "bench/groupnorm.py"}
     procs = {tool: subprocess.Popen([sys.executable, os.path.join(REPO, tool), "--help"], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=clean_subprocess_env())
              for tool in dict.fromkeys(tool for tool, _ in calls)}  # all at once: each --help is mostly imports
