@@ -80,6 +80,9 @@ def test_folding_the_silu_into_the_norm_changes_neither_output_nor_state_dict(bu
     assert all(m.silu for m in model.modules() if isinstance(m, GroupNorm) and not _is_plain_norm(model, m))
     assert torch.equal(folded, plain)  # on the CPU both paths are the plain one, with the SiLU moved
     assert model.state_dict().keys() == keys.keys()
+    folded_modules = [m for m in model.modules() if isinstance(m, FoldedSiLU)]
+    use_fused_groupnorm(model)  # a second switch to the same state replaces nothing
+    assert [m for m in model.modules() if isinstance(m, FoldedSiLU)] == folded_modules
     use_fused_groupnorm(model, enabled=False)
     assert not any(isinstance(m, FoldedSiLU) for m in model.modules())
     assert not any(m.silu or m.fused for m in model.modules() if isinstance(m, GroupNorm))

@@ -63,7 +63,8 @@ def use_fused_groupnorm(model: nn.Module, enabled: bool = True) -> int:
             for i in range(len(module) - 1):
                 if isinstance(module[i], GroupNorm) and isinstance(module[i + 1], (nn.SiLU, FoldedSiLU)):
                     module[i].silu = enabled
-                    module[i + 1] = FoldedSiLU() if enabled else nn.SiLU()
+                    if isinstance(module[i + 1], FoldedSiLU) != enabled:  # unchanged modules keep compiled guards
+                        module[i + 1] = FoldedSiLU() if enabled else nn.SiLU()
         for name in getattr(module, "silu_norms", ()):
             getattr(module, name).silu = enabled
     return len(norms)
