@@ -72,6 +72,7 @@ def groupnorm_case(name, shape, groups, silu, eps, reps, device) -> dict:
     x = (torch.randn(shape, device=device) * 2 + 0.5).bfloat16()
     weight = torch.randn(shape[1], device=device).bfloat16()
     bias = torch.randn(shape[1], device=device).bfloat16()
+    torch._dynamo.reset()  # each case compiles afresh (past the recompile limit Dynamo would run it eagerly)
     compiled = torch.compile(plain, dynamic=False)
     with torch.no_grad():
         ref = plain(x, groups, weight, bias, eps, silu)
