@@ -25,8 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_split_for_spreads_long_groups_and_leaves_many_short_ones_whole():
     assert fused_groupnorm.split_for(1600, 92160) == 1  # the UNet's first level: enough groups already
-    assert fused_groupnorm.split_for(64, 2_304_000) == 16  # a temporal res block in a CFG batch
-    assert fused_groupnorm.split_for(448, 2_359_296) == 2
+    assert fused_groupnorm.split_for(64, 2_304_000) == 32  # a temporal res block in a CFG batch
+    assert fused_groupnorm.split_for(448, 2_359_296) == 4  # the VAE's first level, 14 frames
     assert fused_groupnorm.split_for(1, 10**9) == fused_groupnorm.MAX_SPLIT
     assert fused_groupnorm.split_for(4, 1000) == 1  # never slices shorter than MIN_SLICE
     for groups, size in [(3, 50_000), (7, 3_000_000), (100, 200_000)]:

@@ -8,7 +8,7 @@ GPU. Some rows are very long and few (the VAE's first level: 4 channels x 576x10
 temporal res blocks: 10 channels x 25 frames x 72x128 pixels per group, 64 groups in a CFG batch), and a kernel that
 gives each group one program leaves most of the GPU idle. Here:
 
-1. `_stats_kernel` splits each group into `SPLIT` slices (chosen so the grid has about a thousand programs) and
+1. `_stats_kernel` splits each group into `SPLIT` slices (chosen so the grid has about two thousand programs) and
    writes each slice's shifted sum and sum of squares in fp32 (the shift, the group's first element, keeps the
    one-pass variance from cancelling when the mean is large against the spread);
 2. `_apply_kernel` combines a group's slices into mean and 1/std, then normalises a tile, applies the per-channel
@@ -30,11 +30,13 @@ try:  # Triton ships with CUDA builds of torch; a CPU build has none, and then n
 except ImportError:  # pragma: no cover - depends on the installed torch
     triton = None
 
-TARGET_PROGRAMS = 1024
-"""The statistics grid aims at about this many programs (several per SM on an H100's 132) ..."""
+TARGET_PROGRAMS = 2048
+"""The statistics grid aims at about this many programs (over ten per SM on an H100's 132, so that enough loads
+are in flight to keep the memory busy) ..."""
 MIN_SLICE = 16384
 """... without cutting a group into slices shorter than this many elements."""
 MAX_SPLIT = 64
+STATS_BLOCK = 4096
 APPLY_BLOCK = 2048
 
 
@@ -118,11 +120,11 @@ if triton is not None:
         groups = n * num_groups
         group_size = (c // num_groups) * spatial
         split = split_for(groups, group_size)
-        block = 1024
+        block = STATS_BLOCK
         slice_size = triton.cdiv(triton.cdiv(group_size, split), block) * block
         partials = torch.empty((groups, split, 2), device=x.device, dtype=torch.float32)
         wrap(_stats_kernel)[(groups, split)](x, partials, group_size, slice_size, SPLIT=split, BLOCK=block,
-                                            num_warps=4)
+                                            num_warps=8)
         wrap(_apply_kernel)[(groups, triton.cdiv(group_size, APPLY_BLOCK))](
             x, partials, weight, bias, out, group_size, spatial, c // num_groups, num_groups, eps, SPLIT=split,
             HAS_WEIGHT=weight.numel() > 0, HAS_BIAS=bias.numel() > 0, SILU=silu, BLOCK=APPLY_BLOCK, num_warps=8)
