@@ -164,7 +164,10 @@ def test_compiled_layers_build_forward_and_backward_with_vwms_inductor_options()
             model = build_tiny("model.params.compile_model=True", *overrides)
             for layer in compiled_layers(model)[1:]:
                 layer.compiled_run = None  # one compiled layer is enough (and quick)
-            model.first_stage_model._encode_frames = None  # the VAE encoder's forward-only graphs are not compared
+            # the VAE encoders' forward-only graphs (torch's defaults: no gradient is taken) are not compared
+            for encoder in (model.first_stage_model,
+                            *(e.encoder for e in model.conditioner.embedders if hasattr(e, "encoder"))):
+                encoder._encode_frames = None
             model.compute_loss(make_batch(), torch.Generator().manual_seed(3)).loss.backward()
             assert len(seen) >= 2 and set(seen) == {expected}, (overrides, seen)  # forward and backward graphs
             assert torch._inductor.config.triton.mix_order_reduction is True  # the global default is untouched
