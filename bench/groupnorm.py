@@ -23,10 +23,12 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from geglu import timed as geglu_timed  # noqa: E402
 from vwm.models import fused_groupnorm  # noqa: E402
 
 # (name, shape, groups, silu, eps)
@@ -49,18 +51,10 @@ VAE = [
 
 
 def timed(fn, reps: int) -> float:
-    """Median milliseconds of fn over reps runs (CUDA events), after two warm-up runs."""
+    """Median milliseconds of fn over reps runs (bench/geglu.py's CUDA-event timer), after two warm-up runs."""
     for _ in range(2):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return geglu_timed(fn, reps)
 
 
 def plain(x, groups, weight, bias, eps, silu):
