@@ -145,26 +145,45 @@ def test_the_kernels_match_the_plain_norm_within_bf16_rounding(shape, groups, si
     x = (torch.randn(shape, device="cuda") * 2 + 0.5).bfloat16()
     weight = torch.randn(shape[1], device="cuda").bfloat16()
     bias = torch.randn(shape[1], device="cuda").bfloat16()
-    fused = fused_groupnorm.group_norm(x, groups, weight, bias, 1e-5, silu)
-    plain = fused_groupnorm.group_norm_reference(x, groups, weight, bias, 1e-5, silu)
-    assert fused.dtype == torch.bfloat16 and fused.shape == x.shape
-    # both round an fp32 result to bf16: they differ by at most one bf16 step, in few elements
-    diff = (fused.float() - plain.float()).abs()
-    assert (diff <= plain.float().abs() * 2 ** -7 + 1e-6).all()
+    normed = fused_groupnorm.group_norm(x, groups, weight, bias, 1e-5, False)
+    plain = fused_groupnorm.group_norm_reference(x, groups, weight, bias, 1e-5, False)
+    assert normed.dtype == torch.bfloat16 and normed.shape == x.shape
+    # both round an fp32 norm to bf16: they differ by at most one bf16 step, in few elements
+    diff = (normed.float() - plain.float()).abs()
+    worst = (diff - plain.float().abs() * 2 ** -7).max().item()
+    assert worst <= 1e-6, f"off by more than one bf16 step: {worst}"
     assert (diff > 0).float().mean() < 0.02
+    if silu:
+        # the SiLU acts on the rounded norm, as nn.SiLU after GroupNorm32 does: one bf16 step from torch's SiLU of
+        # the kernel's own norm (comparing with torch's norm instead would magnify a one-step difference in the
+        # norm up to fivefold where the SiLU is flat, around -5)
+        fused = fused_groupnorm.group_norm(x, groups, weight, bias, 1e-5, True)
+        expect = torch.nn.functional.silu(normed)
+        diff = (fused.float() - expect.float()).abs()
+        worst = (diff - expect.float().abs() * 2 ** -7).max().item()
+        assert worst <= 1e-6, f"SiLU off by more than one bf16 step: {worst}"
+        assert (diff > 0).float().mean() < 0.02
 
 
 @gpu
 def test_a_compiled_res_block_with_the_fused_norms_matches_the_plain_one():
+    """The fused norms inside a compiled ResBlock add no more error to the eager block's output than compiling the
+    plain block does (bf16, random weights: compiling alone moves some outputs by a few bf16 steps)."""
     torch.manual_seed(0)
     block = _randomise(ResBlock(320, 64, 320)).cuda().to(torch.bfloat16).eval()
     x = torch.randn(4, 320, 36, 64, device="cuda", dtype=torch.bfloat16)
     emb = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        plain = block(x, emb)
+        plain = block(x, emb).float()
+        compiled_plain = torch.compile(block, dynamic=False)(x, emb).float()
+        torch._dynamo.reset()
         use_fused_groupnorm(block)
-        fused = torch.compile(block, dynamic=False)(x, emb)
-    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
+        assert any(getattr(m, "fused", False) for m in block.modules())
+        fused = torch.compile(block, dynamic=False)(x, emb).float()
+    scale = plain.abs().max().item()
+    compiler_err = (compiled_plain - plain).abs().max().item() / scale
+    fused_err = (fused - plain).abs().max().item() / scale
+    assert fused_err <= max(2 * compiler_err, 2 ** -7), (fused_err, compiler_err)
     x.requires_grad_(True)  # a gradient falls back to the plain path
     block(x, emb).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
