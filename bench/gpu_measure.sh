@@ -4,7 +4,8 @@
 #   bash bench/gpu_measure.sh train    # training steps with use_checkpoint auto (the configs' compiled layers unless
 #                                      # TRAIN_OVERRIDES says otherwise): phase 1 at 576x1024 (and a kernel profile of
 #                                      # one step), phase 2 stage 1 at 320x576, batch 1 (kernel and host profiles) and 4
-#   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs FP8 (--fp8) vs
+#   bash bench/gpu_measure.sh sample   # 25x576x1024, 50 Euler steps, CFG 2.5: compiled bf16 vs the GroupNorm kernels
+#                                      # in the UNet and the VAE (Placement(fused_groupnorm=True)) vs FP8 (--fp8) vs
 #                                      # --low_vram (compiled, as sample.py runs it on CUDA), each with the VAE
 #                                      # decode again in bf16 (--decode_dtype bf16)
 #   bash bench/gpu_measure.sh profile576  # where the phase-1 576x1024 step's time goes: a kernel and a host profile of
@@ -16,9 +17,8 @@
 #   bash bench/gpu_measure.sh groupnorm  # the fused GroupNorm (+ SiLU) kernels (vwm.models.fused_groupnorm) against
 #                                      # eager and Inductor at the UNet's and the VAE's shapes, the VAE's 512-wide
 #                                      # attention as SDPA against fp32-score matmuls (bench/groupnorm.py), the
-#                                      # kernels' GPU tests, then the eager 576x1024 phase-1 step with and without
-#                                      # model.params.fused_groupnorm (the frozen VAE encoders), then a compiled
-#                                      # rollout with them (bench/sample.py --modes fused_gn compiled)
+#                                      # kernels' GPU tests, then the compiled 576x1024 phase-1 step without and with
+#                                      # model.params.fused_groupnorm (the frozen VAE encoders)
 #   bash bench/gpu_measure.sh geglu    # the fused GEGLU kernel against the plain projection + gate at a sampling
 #                                      # step's shapes (bench/geglu.py, every tile config too), then a rollout
 #                                      # compiled without and with it
@@ -97,15 +97,16 @@ for PART in "$@"; do
       timeout -k 15 "$(cap 150)" "$PY" bench/groupnorm.py 2>>"$OUT/$PART.log" | tee -a "$OUT/groupnorm.jsonl"
       timeout -k 15 "$(cap 120)" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_groupnorm.py \
         2>&1 | tail -5 | tee -a "$OUT/$PART.log"
+      # the compiled step without and with the kernels in the frozen VAE encoders (the second compilation finds
+      # the UNet's graphs in the inductor cache)
       for fused in False True; do
-        timeout -k 15 "$(cap 110)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
-          --width 1024 --checkpointing auto --steps 4 --warmup 2 model.params.compile_model=False \
-          model.params.fused_groupnorm=$fused 2>>"$OUT/$PART.log" | tee -a "$OUT/groupnorm_train.jsonl"
-      done
-      timeout -k 15 "$(left 560)" "$PY" bench/sample.py --modes fused_gn compiled --decode_bf16 2>>"$OUT/$PART.log" \
-        | tee -a "$OUT/sample.jsonl" ;;
+        timeout -k 15 "$(left 560)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
+          --width 1024 --checkpointing auto --steps 4 --warmup 3 model.params.fused_groupnorm=$fused \
+          $TRAIN_OVERRIDES 2>>"$OUT/$PART.log" | tee -a "$OUT/groupnorm_train.jsonl"
+      done ;;
     sample)
-      timeout -k 15 "$(cap 560)" "$PY" bench/sample.py --modes compiled fp8 low_vram --decode_bf16 2>>"$OUT/$PART.log" \
+      timeout -k 15 "$(cap 560)" "$PY" bench/sample.py --modes compiled fused_gn fp8 low_vram --decode_bf16 \
+        2>>"$OUT/$PART.log" \
         | tee -a "$OUT/sample.jsonl" ;;
     profile576)
       timeout -k 15 "$(cap 170)" "$PY" bench/train_step.py --config configs/training/vista_phase1.yaml --height 576 \
