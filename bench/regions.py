@@ -4,7 +4,8 @@ Builds the full-size model of a config (random weights, bf16 like DeepSpeed's bf
 Lightning or DeepSpeed and times, with CUDA events (median of --reps after a warm-up):
 
 - `conditioner`: the embedders of one batch (CLIP image encoder, VAE encode of the condition frame, actions);
-- `vae_encode`: the first-stage encode of the clip, in each `--vae-variants` (layout, chunking, compilation);
+- `vae_encode`: the first-stage encode of the clip, in each `--vae-variants` (layout, chunking, compilation, the
+  GroupNorm kernels: a variant naming `fusedgn` switches them on, vwm.models.fused_groupnorm);
 - `unet_fwd`: one UNet forward without gradients at the sampling batch (2 = batched CFG), per attention
   backend in `--sdpa`, with a kernel-category profile of one forward;
 - `loss_fwd_bwd`: the Vista loss forward + backward of one clip (activation checkpointing as configured, or per
@@ -38,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from sample import randomize_zero_weights  # noqa: E402
 from train_step import KERNEL_CATEGORIES, SyntheticClips, parse_inductor_options  # noqa: E402
+from vwm.models.layers import use_fused_groupnorm  # noqa: E402
 from vwm.models.vae_networks import AttnBlock  # noqa: E402
 from vwm.config import build_model, load_config, to_container  # noqa: E402
 from vwm.models.video_unet import INDUCTOR_OPTIONS  # noqa: E402
@@ -193,6 +195,7 @@ def main() -> None:
         for variant in args.vae_variants:
             fmt = torch.channels_last if "channels_last" in variant else torch.contiguous_format
             encoder = vae.encoder.to(memory_format=fmt)
+            use_fused_groupnorm(encoder, "fusedgn" in variant)
             if "compiled" in variant:
                 torch._dynamo.reset()  # a fresh graph per variant (layout and attention differ between them)
                 vae.encoder = torch.compile(encoder, dynamic=False)
@@ -209,6 +212,7 @@ def main() -> None:
                 cats = kernel_categories(lambda: vae.encode_video(x, chunk, generator=gen.manual_seed(0)), device,
                                          args.top if variant == args.vae_variants[-1] else 0)
             vae.encoder = encoder
+            use_fused_groupnorm(encoder, False)
             AttnBlock.forward = attn_forward
             emit("vae_encode", variant=variant, chunk=chunk, first_call_s=round(first, 2), **stats, kernels=cats)
         vae.encoder.to(memory_format=torch.contiguous_format)
