@@ -60,13 +60,14 @@ def test_regions_bench_times_every_region_on_the_tiny_model(tmp_path):
     """bench/regions.py (the per-region breakdown of docs/performance.md) runs each region's real code."""
     cmd = [sys.executable, os.path.join(REPO, "bench", "regions.py"), "--config",
            os.path.join(REPO, "configs", "tiny", "train.yaml"), "--device", "cpu", "--height", "64", "--width",
-           "64", "--reps", "1", "--vae-variants", "nchw", "nchw_bmm", "--sdpa", "default"]
+           "64", "--reps", "1", "--vae-variants", "nchw", "nchw_bmm", "compiled_fusedgn", "--sdpa", "default"]
     out = subprocess.run(cmd, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     regions = [r["region"] for r in rows]
-    assert regions == ["conditioner", "vae_encode", "vae_encode", "unet_fwd", "loss_fwd_bwd", "optimizer", "ema"]
+    assert regions == ["conditioner", "vae_encode", "vae_encode", "vae_encode", "unet_fwd", "loss_fwd_bwd", "optimizer", "ema"]
     assert all(r["s_median"] > 0 for r in rows) and rows[-2]["n_params"] > 0
+    assert [r["variant"] for r in rows if r["region"] == "vae_encode"] == ["nchw", "nchw_bmm", "compiled_fusedgn"]
 
 
 def test_loader_bench_reads_jpeg_folders_and_mp4s_through_the_real_datamodule(tmp_path):
